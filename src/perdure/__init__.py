@@ -1,0 +1,77 @@
+"""Perdure: durable execution for Python workflows and actors.
+
+>>> import perdure
+>>> @perdure.workflow
+... async def process_payment(ctx, request):
+...     charge = await ctx.run("charge", provider.charge, request,
+...                            idempotency_key=request["id"])
+...     return charge
+"""
+
+from __future__ import annotations
+
+from ._client import Client as Client
+from ._client import InvocationHandle as InvocationHandle
+from ._context import Context as Context
+from ._context import current_context as current_context
+from ._context import current_step as current_step
+from ._errors import ConfigurationError as ConfigurationError
+from ._errors import ConflictError as ConflictError
+from ._errors import IdempotencyConflictError as IdempotencyConflictError
+from ._errors import InvocationFailedError as InvocationFailedError
+from ._errors import JournalDecodeError as JournalDecodeError
+from ._errors import NonDeterminismError as NonDeterminismError
+from ._errors import NotFoundError as NotFoundError
+from ._errors import PayloadTooLargeError as PayloadTooLargeError
+from ._errors import PerdureError as PerdureError
+from ._errors import RuntimeLockedError as RuntimeLockedError
+from ._errors import SerializationError as SerializationError
+from ._errors import StepFailedError as StepFailedError
+from ._errors import StorageError as StorageError
+from ._errors import StorageFullError as StorageFullError
+from ._errors import TerminalError as TerminalError
+from ._errors import UnknownWorkflowError as UnknownWorkflowError
+from ._hooks import StepInfo as StepInfo
+from ._retry import RetryPolicy as RetryPolicy
+from ._runtime import Runtime as Runtime
+from ._runtime import RuntimeStats as RuntimeStats
+from ._sync import SyncHandle as SyncHandle
+from ._sync import SyncRuntime as SyncRuntime
+from ._workflow import Workflow as Workflow
+from ._workflow import workflow as workflow
+from .storage import Status as Status
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "ConfigurationError",
+    "ConflictError",
+    "Context",
+    "IdempotencyConflictError",
+    "InvocationFailedError",
+    "InvocationHandle",
+    "JournalDecodeError",
+    "NonDeterminismError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PerdureError",
+    "RetryPolicy",
+    "Runtime",
+    "RuntimeLockedError",
+    "RuntimeStats",
+    "SerializationError",
+    "Status",
+    "StepFailedError",
+    "StepInfo",
+    "StorageError",
+    "StorageFullError",
+    "SyncHandle",
+    "SyncRuntime",
+    "TerminalError",
+    "UnknownWorkflowError",
+    "Workflow",
+    "current_context",
+    "current_step",
+    "workflow",
+]

@@ -1,0 +1,257 @@
+"""The client: start invocations and read their status and results."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+
+import msgspec
+
+from ._errors import (
+    InvocationFailedError,
+    JournalDecodeError,
+    NotFoundError,
+    SerializationError,
+)
+from ._ids import new_id
+from ._serde import input_hash
+from ._workflow import Workflow
+from .storage._records import EntryKind, InvocationRecord, JournalEntry, Status
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
+
+R = TypeVar("R")
+
+
+def prepare_invocation(
+    rt: Runtime,
+    wf: Workflow[Any, Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    idempotency_key: str | None,
+    invocation_id: str | None,
+) -> tuple[InvocationRecord, JournalEntry, tuple[list[Any], dict[str, Any]]]:
+    """Check and encode a new invocation; nothing is written yet."""
+    if idempotency_key is not None and (
+        not isinstance(idempotency_key, str) or not idempotency_key
+    ):
+        raise TypeError(f"idempotency_key must be a non-empty string, not {idempotency_key!r}")
+    if invocation_id is not None and (not isinstance(invocation_id, str) or not invocation_id):
+        raise TypeError(f"invocation_id must be a non-empty string, not {invocation_id!r}")
+    try:
+        wf.signature.bind(None, *args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"workflow {wf.name!r}{wf.signature}: {exc}") from None
+    what = f"input of workflow {wf.name!r}"
+    payload = rt.codec.encode_input(args, kwargs, what)
+    try:
+        decoded = rt.codec.decode_input(payload, wf.hints, wf.params)
+    except (msgspec.ValidationError, ValueError, TypeError) as exc:
+        raise SerializationError(
+            f"{what} does not match the workflow's type hints: {exc}"
+        ) from None
+    now = rt.clock.now()
+    rec = InvocationRecord(
+        id=invocation_id or new_id(),
+        target=wf.name,
+        input_hash=input_hash(payload),
+        idempotency_key=idempotency_key,
+        status=Status.RUNNING,
+        created_at=now,
+        updated_at=now,
+    )
+    entry = JournalEntry(
+        invocation_id=rec.id,
+        index=0,
+        kind=EntryKind.INPUT,
+        name=wf.name,
+        ok=True,
+        payload=payload,
+        type_tag=None,
+        attempts=1,
+        created_at=now,
+    )
+    return rec, entry, decoded
+
+
+class InvocationHandle(Generic[R]):
+    """A started invocation: its id, its status and (awaitable) result."""
+
+    __slots__ = ("_rt", "id", "target")
+
+    def __init__(self, runtime: Runtime, invocation_id: str, target: str) -> None:
+        self._rt = runtime
+        self.id = invocation_id
+        self.target = target
+
+    def __repr__(self) -> str:
+        return f"<InvocationHandle {self.id} {self.target!r}>"
+
+    async def status(self) -> Status:
+        """The invocation's current status."""
+        rec = await self._rt.store.get_invocation(self.id)
+        if rec is None:
+            raise NotFoundError(f"invocation {self.id} does not exist")
+        return rec.status
+
+    async def result(self, *, timeout: float | None = None) -> R:
+        """Wait for the invocation to finish and return its result.
+
+        Raises :class:`InvocationFailedError` (the cause attached) if it
+        failed, and the reason if it stopped unfinished in this process
+        (non-determinism, storage failure): it resumes on the next start.
+        """
+        async with asyncio.timeout(timeout):
+            task = self._rt.running(self.id)
+            if task is not None:
+                outcome = await asyncio.shield(task)
+                if outcome.status is Status.COMPLETED:
+                    value: R = outcome.value
+                    return value
+                assert outcome.error is not None
+                if outcome.status is Status.FAILED:
+                    raise InvocationFailedError(self.id, self.target, outcome.error)
+                raise outcome.error
+            return await self._result_from_store()
+
+    async def _result_from_store(self) -> R:
+        store = self._rt.store
+        delay = 0.005
+        while True:
+            rec = await store.get_invocation(self.id)
+            if rec is None:
+                raise NotFoundError(f"invocation {self.id} does not exist")
+            if rec.status.finished:
+                break
+            task = self._rt.running(self.id)
+            if task is not None:  # it was resumed meanwhile
+                return await self.result()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        journal = await store.read_journal(self.id)
+        output = journal[-1] if journal and journal[-1].kind is EntryKind.OUTPUT else None
+        if output is None:
+            raise JournalDecodeError(self.id, len(journal), "the finished invocation has no output")
+        codec = self._rt.codec
+        if not output.ok:
+            raise InvocationFailedError(self.id, self.target, codec.decode_error(output.payload))
+        wf = self._rt.workflows.get(rec.target)
+        try:
+            result: R = codec.decode(
+                output.payload, output.type_tag, wf.return_hint if wf else None
+            )
+        except (ValueError, TypeError, AttributeError, ImportError) as exc:
+            raise JournalDecodeError(self.id, output.index, str(exc)) from None
+        return result
+
+
+class Client:
+    """Starts workflows and finds invocations. Get one from ``runtime.client``."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    @overload
+    async def start(
+        self,
+        workflow: Workflow[Any, R],
+        /,
+        *args: Any,
+        idempotency_key: str | None = None,
+        invocation_id: str | None = None,
+        **kwargs: Any,
+    ) -> InvocationHandle[R]: ...
+
+    @overload
+    async def start(
+        self,
+        workflow: str | Callable[..., Any],
+        /,
+        *args: Any,
+        idempotency_key: str | None = None,
+        invocation_id: str | None = None,
+        **kwargs: Any,
+    ) -> InvocationHandle[Any]: ...
+
+    async def start(
+        self,
+        workflow: Any,
+        /,
+        *args: Any,
+        idempotency_key: str | None = None,
+        invocation_id: str | None = None,
+        **kwargs: Any,
+    ) -> InvocationHandle[Any]:
+        """Start ``workflow(*args, **kwargs)`` durably and return its handle.
+
+        Returns once the invocation is recorded. With ``idempotency_key``, a
+        second start with the same key (concurrent or later) attaches to the
+        first invocation instead of starting another; the same key with a
+        different input raises :class:`IdempotencyConflictError`.
+        """
+        rec, _ = await self._rt.submit(
+            workflow, args, kwargs, idempotency_key=idempotency_key, invocation_id=invocation_id
+        )
+        return InvocationHandle(self._rt, rec.id, rec.target)
+
+    @overload
+    async def run(
+        self,
+        workflow: Workflow[Any, R],
+        /,
+        *args: Any,
+        idempotency_key: str | None = None,
+        **kwargs: Any,
+    ) -> R: ...
+
+    @overload
+    async def run(
+        self,
+        workflow: str | Callable[..., Any],
+        /,
+        *args: Any,
+        idempotency_key: str | None = None,
+        **kwargs: Any,
+    ) -> Any: ...
+
+    async def run(
+        self, workflow: Any, /, *args: Any, idempotency_key: str | None = None, **kwargs: Any
+    ) -> Any:
+        """Start a workflow and wait for its result."""
+        handle = await self.start(workflow, *args, idempotency_key=idempotency_key, **kwargs)
+        return await handle.result()
+
+    async def get(self, invocation_id: str) -> InvocationHandle[Any]:
+        """A handle to an existing invocation; raises NotFoundError if none."""
+        rec = await self._rt.store.get_invocation(invocation_id)
+        if rec is None:
+            raise NotFoundError(f"invocation {invocation_id} does not exist")
+        return InvocationHandle(self._rt, rec.id, rec.target)
+
+    async def list(
+        self,
+        *,
+        status: Status | str | None = None,
+        workflow: str | None = None,
+        limit: int | None = 100,
+    ) -> list[InvocationRecord]:
+        """Invocations, oldest first, filtered by status and workflow name."""
+        statuses = None if status is None else [Status(status)]
+        return await self._rt.store.list_invocations(
+            statuses=statuses, target=workflow, limit=limit
+        )
+
+    async def wait_idle(self, *, timeout: float | None = None) -> None:
+        """Wait until no invocation is running in this process."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            tasks = [t for t in self._rt._tasks.values() if not t.done()]
+            if not tasks:
+                return
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if remaining == 0.0:
+                raise TimeoutError("invocations are still running")
+            await asyncio.wait(tasks, timeout=remaining)

@@ -1,0 +1,151 @@
+"""Perdure's exceptions.
+
+Every error Perdure raises derives from one root::
+
+    PerdureError
+    ├── ConfigurationError          bad store URL, bad option, bad registration
+    ├── NotFoundError               unknown invocation or workflow
+    │   └── UnknownWorkflowError
+    ├── ConflictError
+    │   ├── IdempotencyConflictError   same key, different input
+    │   └── RuntimeLockedError         another runtime owns this store
+    ├── NonDeterminismError         replayed code diverged from its journal
+    ├── SerializationError          a value cannot be encoded or decoded
+    │   ├── PayloadTooLargeError
+    │   └── JournalDecodeError      a stored journal row cannot be read back
+    ├── StorageError                the backend failed (driver errors mapped here)
+    │   └── StorageFullError
+    └── InvocationFailedError       the invocation ended with an error (``__cause__``)
+
+User code raises :class:`TerminalError` from a step or a workflow to say
+"do not retry". It is an ordinary ``Exception`` so that it can be caught.
+
+Control-flow signals that interrupt user code derive from ``BaseException``
+so that an ``except Exception`` in a workflow cannot swallow them.
+"""
+
+from __future__ import annotations
+
+
+class PerdureError(Exception):
+    """Root of every error Perdure raises."""
+
+
+class ConfigurationError(PerdureError):
+    """Perdure was set up wrongly: a bad store URL, option or registration."""
+
+
+class NotFoundError(PerdureError):
+    """The named invocation, workflow or record does not exist."""
+
+
+class UnknownWorkflowError(NotFoundError):
+    """No workflow with this name is registered with the runtime."""
+
+
+class ConflictError(PerdureError):
+    """The request conflicts with something already recorded."""
+
+
+class IdempotencyConflictError(ConflictError):
+    """An idempotency key was reused with a different input."""
+
+
+class RuntimeLockedError(ConflictError):
+    """Another runtime process already owns this store."""
+
+
+class NonDeterminismError(PerdureError):
+    """Replayed workflow code asked for something other than its journal holds.
+
+    The invocation is left unfinished, so that it resumes once the code that
+    wrote its journal (or a compatible version) is deployed again.
+    """
+
+    def __init__(
+        self,
+        invocation_id: str,
+        index: int,
+        expected: str,
+        actual: str,
+    ) -> None:
+        self.invocation_id = invocation_id
+        self.index = index
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"invocation {invocation_id}: journal entry {index} is {expected}, "
+            f"but the workflow code now asks for {actual}. The code changed under "
+            "an in-flight invocation: deploy the previous version until it "
+            "finishes, or cancel it."
+        )
+
+
+class SerializationError(PerdureError):
+    """A value could not be encoded for the journal, or decoded from it."""
+
+
+class PayloadTooLargeError(SerializationError):
+    """An encoded payload is larger than the configured limit."""
+
+
+class JournalDecodeError(SerializationError):
+    """A stored journal entry could not be decoded."""
+
+    def __init__(self, invocation_id: str, index: int, reason: str) -> None:
+        self.invocation_id = invocation_id
+        self.index = index
+        super().__init__(
+            f"invocation {invocation_id}: journal entry {index} cannot be "
+            f"decoded: {reason}. The invocation is left unfinished; fix the "
+            "type it names (or restore the code that wrote it) and restart."
+        )
+
+
+class StorageError(PerdureError):
+    """The storage backend failed. Nothing half-written is kept."""
+
+
+class StorageFullError(StorageError):
+    """The storage backend has no space left."""
+
+
+class InvocationFailedError(PerdureError):
+    """The invocation finished with an error; ``__cause__`` holds it."""
+
+    def __init__(self, invocation_id: str, target: str, cause: BaseException) -> None:
+        self.invocation_id = invocation_id
+        self.target = target
+        self.cause = cause
+        super().__init__(
+            f"invocation {invocation_id} of {target!r} failed: {type(cause).__name__}: {cause}"
+        )
+        self.__cause__ = cause
+
+
+class TerminalError(Exception):
+    """Raise from a step or workflow to fail it at once, without retrying."""
+
+
+class StepFailedError(Exception):
+    """Stands in for a recorded step error whose type cannot be rebuilt.
+
+    The original type's qualified name is in ``type_name``.
+    """
+
+    def __init__(self, type_name: str, message: str) -> None:
+        self.type_name = type_name
+        self.message = message
+        super().__init__(f"{type_name}: {message}")
+
+
+class Suspended(BaseException):
+    """Raised inside user code to stop an invocation without finishing it.
+
+    The runtime catches it; the invocation stays unfinished and resumes from
+    its journal later. User code must not catch it.
+    """
+
+    def __init__(self, reason: BaseException) -> None:
+        self.reason = reason
+        super().__init__(str(reason))

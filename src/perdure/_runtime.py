@@ -1,0 +1,394 @@
+"""The runtime: runs invocations, recovers them, owns the store."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ._clock import Clock, SystemClock
+from ._context import Context, _current_context
+from ._errors import (
+    ConfigurationError,
+    IdempotencyConflictError,
+    JournalDecodeError,
+    NonDeterminismError,
+    PerdureError,
+    SerializationError,
+    StorageError,
+    Suspended,
+    UnknownWorkflowError,
+)
+from ._hooks import Hooks
+from ._journal import Replay
+from ._retry import RetryPolicy
+from ._serde import Codec
+from ._workflow import Workflow, as_workflow
+from .storage import DEFAULT_URL, Store, open_store
+from .storage._records import (
+    UNFINISHED,
+    Attempt,
+    EntryKind,
+    InvocationRecord,
+    JournalEntry,
+    Status,
+    StatusChange,
+    Write,
+)
+
+log = logging.getLogger("perdure.runtime")
+
+DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
+DEFAULT_RETRY = RetryPolicy()
+
+
+@dataclasses.dataclass(slots=True)
+class RuntimeStats:
+    """Counters of what this runtime did since it started."""
+
+    steps_executed: int = 0
+    steps_replayed: int = 0
+    steps_deduplicated: int = 0
+    step_retries: int = 0
+    invocations_started: int = 0
+    invocations_completed: int = 0
+    invocations_failed: int = 0
+    invocations_suspended: int = 0
+    invocations_recovered: int = 0
+    recovery_seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    """How an invocation's run in this process ended."""
+
+    status: Status
+    value: Any = None
+    error: BaseException | None = None
+
+
+class Runtime:
+    """Runs durable workflows on a store.
+
+    >>> async with Runtime("sqlite:///payments.db", workflows=[process_payment]) as rt:
+    ...     result = await rt.client.run(process_payment, request, idempotency_key="pay-1")
+
+    On start it resumes every unfinished invocation from its journal.
+    Only one runtime may run on a SQLite file at a time.
+    """
+
+    def __init__(
+        self,
+        store: str | Store = DEFAULT_URL,
+        *,
+        workflows: Iterable[Workflow[Any, Any] | Callable[..., Awaitable[Any]]] = (),
+        default_retry: RetryPolicy = DEFAULT_RETRY,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        clock: Clock | None = None,
+        hooks: Hooks | None = None,
+        max_step_threads: int = 64,
+        recover: bool = True,
+    ) -> None:
+        from ._client import Client
+
+        if not isinstance(default_retry, RetryPolicy):
+            raise ConfigurationError(f"default_retry must be a RetryPolicy, not {default_retry!r}")
+        if not isinstance(max_payload_bytes, int) or max_payload_bytes < 1:
+            raise ConfigurationError(
+                f"max_payload_bytes must be a positive int, not {max_payload_bytes!r}"
+            )
+        self.hooks = hooks or Hooks()
+        if isinstance(store, str):
+            store = open_store(store, exclusive=True, before_commit=self.hooks.before_batch_commit)
+        elif not isinstance(store, Store):
+            raise ConfigurationError(
+                f"store must be a URL string or a perdure.storage.Store, not {type(store).__name__}"
+            )
+        self.store: Store = store
+        self.default_retry = default_retry
+        self.codec = Codec(max_payload_bytes=max_payload_bytes)
+        self.clock: Clock = clock or SystemClock()
+        self.stats = RuntimeStats()
+        self.client = Client(self)
+        self._recover = recover
+        self._max_step_threads = max_step_threads
+        self._executor: ThreadPoolExecutor | None = None
+        self._workflows: dict[str, Workflow[Any, Any]] = {}
+        for wf in workflows:
+            self.register(wf)
+        self._tasks: dict[str, asyncio.Task[Outcome]] = {}
+        self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        self._started = False
+
+    # -- registration ------------------------------------------------------------
+
+    def register(
+        self, wf: Workflow[Any, Any] | Callable[..., Awaitable[Any]]
+    ) -> Workflow[Any, Any]:
+        """Register a workflow (before or after start)."""
+        definition = as_workflow(wf)
+        existing = self._workflows.get(definition.name)
+        if existing is not None and existing.fn is not definition.fn:
+            raise ConfigurationError(
+                f"two different workflows are registered as {definition.name!r}; "
+                "give one another name with @workflow(name=...)"
+            )
+        self._workflows[definition.name] = definition
+        return definition
+
+    def workflow(self, target: str | Workflow[Any, Any] | Callable[..., Any]) -> Workflow[Any, Any]:
+        """The registered workflow for a name or definition."""
+        name = target if isinstance(target, str) else getattr(target, "name", None)
+        if name is None and callable(target):
+            name = getattr(target, "__qualname__", None)
+        wf = self._workflows.get(name) if isinstance(name, str) else None
+        if wf is None:
+            known = ", ".join(sorted(self._workflows)) or "none"
+            raise UnknownWorkflowError(
+                f"no workflow named {name or target!r} is registered with this runtime "
+                f"(registered: {known}); pass it in Runtime(workflows=[...])"
+            )
+        return wf
+
+    @property
+    def workflows(self) -> dict[str, Workflow[Any, Any]]:
+        return dict(self._workflows)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store and resume unfinished invocations."""
+        if self._started:
+            return
+        await self.store.open()
+        self._executor = ThreadPoolExecutor(
+            self._max_step_threads, thread_name_prefix="perdure-step"
+        )
+        self._started = True
+        if self._recover:
+            await self.recover()
+
+    async def stop(self) -> None:
+        """Stop running invocations (they resume on the next start) and close."""
+        if not self._started:
+            return
+        self._started = False
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.store.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    async def __aenter__(self) -> Runtime:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            raise ConfigurationError("the runtime is not started: use 'async with Runtime(...)'")
+        return self._executor
+
+    def _check_started(self) -> None:
+        if not self._started:
+            raise ConfigurationError(
+                "the runtime is not started: use 'async with Runtime(...) as rt' "
+                "or await rt.start()"
+            )
+
+    async def recover(self) -> int:
+        """Resume every unfinished invocation from its journal; return how many."""
+        began = time.perf_counter()
+        records = await self.store.list_invocations(statuses=UNFINISHED)
+        resumed = 0
+        for rec in records:
+            if rec.id in self._tasks:
+                continue
+            wf = self._workflows.get(rec.target)
+            if wf is None:
+                log.error(
+                    "invocation %s cannot resume: workflow %r is not registered with this runtime",
+                    rec.id,
+                    rec.target,
+                )
+                continue
+            journal, attempts = await asyncio.gather(
+                self.store.read_journal(rec.id), self.store.read_attempts(rec.id)
+            )
+            self._launch(rec, wf, journal, attempts, None)
+            resumed += 1
+        self.stats.invocations_recovered += resumed
+        self.stats.recovery_seconds = time.perf_counter() - began
+        if resumed:
+            log.info(
+                "resumed %d unfinished invocations in %.3fs", resumed, self.stats.recovery_seconds
+            )
+        return resumed
+
+    # -- invocations -------------------------------------------------------------
+
+    async def submit(
+        self,
+        target: str | Workflow[Any, Any] | Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        invocation_id: str | None = None,
+    ) -> tuple[InvocationRecord, bool]:
+        """Record and start an invocation. Returns (record, created)."""
+        from ._client import prepare_invocation
+
+        self._check_started()
+        wf = self.workflow(target)
+        rec, entry, decoded = prepare_invocation(
+            self, wf, args, kwargs, idempotency_key, invocation_id
+        )
+        stored, created = await self.store.create_invocation(rec, entry)
+        if not created and stored.input_hash != rec.input_hash:
+            raise IdempotencyConflictError(
+                f"idempotency key {idempotency_key!r} of workflow {wf.name!r} was already "
+                f"used by invocation {stored.id} with a different input; use a new key "
+                "for a different request"
+            )
+        if created:
+            self.stats.invocations_started += 1
+            self._launch(stored, wf, [entry], [], decoded)
+        return stored, created
+
+    def _launch(
+        self,
+        rec: InvocationRecord,
+        wf: Workflow[Any, Any],
+        journal: list[JournalEntry],
+        attempts: list[Attempt],
+        decoded: tuple[list[Any], dict[str, Any]] | None,
+    ) -> None:
+        task = asyncio.create_task(
+            self._execute(rec, wf, journal, attempts, decoded), name=f"perdure:{rec.id}"
+        )
+        self._tasks[rec.id] = task
+        task.add_done_callback(functools.partial(self._forget, rec.id))
+
+    def _forget(self, invocation_id: str, _task: object) -> None:
+        self._tasks.pop(invocation_id, None)
+
+    def running(self, invocation_id: str) -> asyncio.Task[Outcome] | None:
+        return self._tasks.get(invocation_id)
+
+    async def _execute(
+        self,
+        rec: InvocationRecord,
+        wf: Workflow[Any, Any],
+        journal: list[JournalEntry],
+        attempts: list[Attempt],
+        decoded: tuple[list[Any], dict[str, Any]] | None,
+    ) -> Outcome:
+        replay = Replay(rec.id, journal, attempts)
+        try:
+            input_entry = journal[0]
+            if decoded is None:
+                decoded = self._decode_input(rec.id, wf, input_entry)
+            args, kwargs = decoded
+            ctx = Context(self, rec.id, wf.name, replay, input_entry.created_at)
+            _current_context.set(ctx)
+            try:
+                value = await wf.fn(ctx, *args, **kwargs)
+            except Exception as exc:
+                return await self._finish(rec, wf, replay, Status.FAILED, None, exc)
+            try:
+                payload, tag = self.codec.encode(value, f"result of invocation {rec.id}")
+            except SerializationError as exc:
+                return await self._finish(rec, wf, replay, Status.FAILED, None, exc)
+            return await self._finish(
+                rec, wf, replay, Status.COMPLETED, (value, payload, tag), None
+            )
+        except Suspended as s:
+            return self._suspended(rec, s.reason)
+        except (NonDeterminismError, JournalDecodeError, StorageError) as exc:
+            return self._suspended(rec, exc)
+
+    def _decode_input(
+        self, invocation_id: str, wf: Workflow[Any, Any], entry: JournalEntry
+    ) -> tuple[list[Any], dict[str, Any]]:
+        try:
+            return self.codec.decode_input(entry.payload, wf.hints, wf.params)
+        except (ValueError, TypeError, KeyError, PerdureError) as exc:
+            raise JournalDecodeError(invocation_id, entry.index, str(exc)) from None
+
+    async def _finish(
+        self,
+        rec: InvocationRecord,
+        wf: Workflow[Any, Any],
+        replay: Replay,
+        status: Status,
+        success: tuple[Any, bytes, str | None] | None,
+        error: Exception | None,
+    ) -> Outcome:
+        index = replay.finish()
+        now = self.clock.now()
+        if success is not None:
+            value, payload, tag = success
+            entry = JournalEntry(
+                invocation_id=rec.id,
+                index=index,
+                kind=EntryKind.OUTPUT,
+                name=wf.name,
+                ok=True,
+                payload=payload,
+                type_tag=tag,
+                attempts=1,
+                created_at=now,
+            )
+        else:
+            assert error is not None
+            entry = JournalEntry(
+                invocation_id=rec.id,
+                index=index,
+                kind=EntryKind.OUTPUT,
+                name=wf.name,
+                ok=False,
+                payload=self.codec.encode_error(error),
+                type_tag=None,
+                attempts=1,
+                created_at=now,
+            )
+        change = StatusChange(invocation_id=rec.id, status=status, updated_at=now)
+        try:
+            await self.store.commit(Write(entries=(entry,), status=change))
+        except (StorageError, PerdureError) as exc:
+            return self._suspended(rec, exc)
+        if self.hooks.after_output is not None:
+            self.hooks.after_output(rec.id)
+        if success is not None:
+            self.stats.invocations_completed += 1
+            value = self.codec.roundtrip(success[0], success[1], success[2], wf.return_hint)
+            return Outcome(Status.COMPLETED, value=value)
+        self.stats.invocations_failed += 1
+        return Outcome(Status.FAILED, error=error)
+
+    def _suspended(self, rec: InvocationRecord, reason: BaseException) -> Outcome:
+        self.stats.invocations_suspended += 1
+        log.error("invocation %s (%s) stopped unfinished: %s", rec.id, rec.target, reason)
+        return Outcome(Status.RUNNING, error=reason)
+
+    def _idempotency_lock(self, scope: str, key: str) -> asyncio.Lock:
+        lock = self._locks.get((scope, key))
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[(scope, key)] = lock
+        return lock

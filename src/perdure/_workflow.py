@@ -1,0 +1,100 @@
+"""Workflow definitions: durable functions registered with a runtime."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
+
+from ._errors import ConfigurationError
+from ._serde import return_hint
+
+if TYPE_CHECKING:
+    from ._context import Context
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Workflow(Generic[P, R]):
+    """A durable function: ``async def f(ctx, ...)`` with a registered name.
+
+    Create with the :func:`workflow` decorator. Calling the object calls the
+    function itself (for unit tests with a hand-made context).
+    """
+
+    __slots__ = ("fn", "hints", "name", "params", "return_hint", "signature")
+
+    def __init__(self, fn: Callable[Concatenate[Context, P], Awaitable[R]], name: str) -> None:
+        if not inspect.iscoroutinefunction(fn):
+            raise ConfigurationError(
+                f"workflow {name!r} must be an 'async def' function taking ctx first"
+            )
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"a workflow name must be a non-empty string, not {name!r}")
+        signature = inspect.signature(fn)
+        params = list(signature.parameters.values())
+        if not params or params[0].kind not in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
+            raise ConfigurationError(
+                f"workflow {name!r} must take the context as its first argument"
+            )
+        self.fn = fn
+        self.name = name
+        self.signature = signature
+        self.params = [p.name for p in params[1:]]
+        try:
+            hints = typing.get_type_hints(fn)
+        except Exception:
+            hints = {}
+        hints.pop("return", None)
+        self.hints: dict[str, Any] = hints
+        self.return_hint = return_hint(fn)
+
+    def __call__(self, ctx: Context, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
+        return self.fn(ctx, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Workflow {self.name!r}>"
+
+
+@overload
+def workflow(fn: Callable[Concatenate[Context, P], Awaitable[R]], /) -> Workflow[P, R]: ...
+
+
+@overload
+def workflow(
+    *, name: str | None = None
+) -> Callable[[Callable[Concatenate[Context, P], Awaitable[R]]], Workflow[P, R]]: ...
+
+
+def workflow(fn: Any = None, /, *, name: str | None = None) -> Any:
+    """Declare a durable workflow.
+
+    >>> @workflow
+    ... async def greet(ctx, who: str) -> str:
+    ...     return await ctx.run("hello", lambda: f"hello {who}")
+    >>> greet.name
+    'greet'
+
+    ``@workflow(name="payments.process")`` sets the name that is stored in
+    the journal; keep it stable across deployments.
+    """
+
+    def wrap(f: Callable[..., Awaitable[Any]]) -> Workflow[Any, Any]:
+        return Workflow(f, name or f.__qualname__)
+
+    return wrap if fn is None else wrap(fn)
+
+
+def as_workflow(obj: Workflow[Any, Any] | Callable[..., Awaitable[Any]]) -> Workflow[Any, Any]:
+    if isinstance(obj, Workflow):
+        return obj
+    if callable(obj):
+        return Workflow(obj, getattr(obj, "__qualname__", repr(obj)))
+    raise ConfigurationError(
+        f"{obj!r} is not a workflow: decorate an async function with @workflow"
+    )

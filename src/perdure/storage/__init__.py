@@ -1,0 +1,88 @@
+"""What storage backend authors need: the contract, its records, the backends.
+
+Open a store from a URL with :func:`open_store`:
+
+- ``memory://`` — in memory, for tests;
+- ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db`` — one file.
+  Query options: ``synchronous=full|normal|off`` (default ``full``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from .._errors import ConfigurationError
+from ._base import BeforeCommit as BeforeCommit
+from ._base import Store as Store
+from ._memory import MemoryStore as MemoryStore
+from ._records import UNFINISHED as UNFINISHED
+from ._records import Attempt as Attempt
+from ._records import EntryKind as EntryKind
+from ._records import IdempotentResult as IdempotentResult
+from ._records import InvocationRecord as InvocationRecord
+from ._records import JournalEntry as JournalEntry
+from ._records import Status as Status
+from ._records import StatusChange as StatusChange
+from ._records import Write as Write
+from ._sqlite import SQLiteStore as SQLiteStore
+
+__all__ = [
+    "UNFINISHED",
+    "Attempt",
+    "BeforeCommit",
+    "EntryKind",
+    "IdempotentResult",
+    "InvocationRecord",
+    "JournalEntry",
+    "MemoryStore",
+    "SQLiteStore",
+    "Status",
+    "StatusChange",
+    "Store",
+    "Write",
+    "open_store",
+]
+
+DEFAULT_URL = "sqlite:///perdure.db"
+
+
+def open_store(
+    url: str = DEFAULT_URL,
+    *,
+    exclusive: bool = False,
+    before_commit: BeforeCommit | None = None,
+) -> Store:
+    """Build the store a URL names (not yet opened: ``await store.open()``)."""
+    if not isinstance(url, str):
+        raise ConfigurationError(f"the store URL must be a string, not {type(url).__name__}")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "memory":
+        return MemoryStore(before_commit=before_commit)
+    if scheme == "sqlite":
+        # sqlite:///rel.db -> "rel.db"; sqlite:////abs.db -> "/abs.db"
+        if parts.netloc:
+            raise ConfigurationError(
+                f"store URL {url!r}: a SQLite URL has no host; write sqlite:///relative.db "
+                "or sqlite:////absolute/path.db"
+            )
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        if not path:
+            raise ConfigurationError(f"store URL {url!r} names no file; e.g. sqlite:///perdure.db")
+        options: dict[str, Any] = {}
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key != "synchronous":
+                raise ConfigurationError(
+                    f"store URL {url!r}: unknown option {key!r}; known: synchronous"
+                )
+            options[key] = value.lower()
+        return SQLiteStore(path, exclusive=exclusive, before_commit=before_commit, **options)
+    if scheme in {"postgres", "postgresql"}:
+        raise ConfigurationError(
+            f"store URL {url!r}: the PostgreSQL backend is not available in this version; "
+            "use sqlite:///path.db"
+        )
+    raise ConfigurationError(
+        f"store URL {url!r}: unknown scheme {parts.scheme!r}; use sqlite:///path.db or memory://"
+    )

@@ -1,0 +1,97 @@
+"""The one storage contract every backend implements."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+
+from ._records import (
+    Attempt,
+    IdempotentResult,
+    InvocationRecord,
+    JournalEntry,
+    Status,
+    Write,
+)
+
+BeforeCommit = Callable[[int], None]
+"""Called with the number of writes in a batch after they are applied and
+before the transaction commits. Used by crash tests; keep it cheap."""
+
+
+class Store(abc.ABC):
+    """Durable storage for invocations, journals and idempotent results.
+
+    Every method is safe to call concurrently from one event loop. A write
+    returns only after it is durable; a write that fails leaves nothing of
+    itself behind. Driver errors surface as :class:`perdure.StorageError`.
+    """
+
+    url: str
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect, create or migrate the schema."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish pending writes and release every resource."""
+
+    @abc.abstractmethod
+    async def schema_version(self) -> int:
+        """The schema version of the open store."""
+
+    @abc.abstractmethod
+    async def create_invocation(
+        self, invocation: InvocationRecord, input_entry: JournalEntry
+    ) -> tuple[InvocationRecord, bool]:
+        """Record a new invocation and its input entry, atomically.
+
+        If ``invocation.idempotency_key`` is already used for the same target,
+        nothing is written and the existing record is returned with False.
+        """
+
+    @abc.abstractmethod
+    async def commit(self, write: Write) -> None:
+        """Record ``write`` atomically.
+
+        Raises :class:`perdure.ConflictError` if a journal index is already
+        taken. An idempotent result whose (scope, key) is taken is ignored:
+        the first one stored wins.
+        """
+
+    @abc.abstractmethod
+    async def get_invocation(self, invocation_id: str) -> InvocationRecord | None: ...
+
+    @abc.abstractmethod
+    async def find_invocation(
+        self, target: str, idempotency_key: str
+    ) -> InvocationRecord | None: ...
+
+    @abc.abstractmethod
+    async def list_invocations(
+        self,
+        *,
+        statuses: Sequence[Status] | None = None,
+        target: str | None = None,
+        limit: int | None = None,
+    ) -> list[InvocationRecord]:
+        """Invocations, oldest first, filtered by status and target."""
+
+    @abc.abstractmethod
+    async def read_journal(self, invocation_id: str) -> list[JournalEntry]:
+        """An invocation's journal entries in index order."""
+
+    @abc.abstractmethod
+    async def read_attempts(self, invocation_id: str) -> list[Attempt]:
+        """An invocation's failed step attempts, by index then attempt."""
+
+    @abc.abstractmethod
+    async def get_idempotent_result(self, scope: str, key: str) -> IdempotentResult | None: ...
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

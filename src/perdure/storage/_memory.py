@@ -1,0 +1,133 @@
+"""An in-memory store with the same contract as the durable ones, for tests."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from .._errors import ConflictError, StorageError
+from ._base import BeforeCommit, Store
+from ._records import (
+    Attempt,
+    IdempotentResult,
+    InvocationRecord,
+    JournalEntry,
+    Status,
+    Write,
+)
+
+SCHEMA_VERSION = 1
+
+
+class MemoryStore(Store):
+    """Keeps everything in dicts; gone when the process ends."""
+
+    def __init__(self, *, before_commit: BeforeCommit | None = None) -> None:
+        self.url = "memory://"
+        self._before_commit = before_commit
+        self._open = False
+        self._invocations: dict[str, InvocationRecord] = {}
+        self._by_key: dict[tuple[str, str], str] = {}
+        self._journal: dict[str, dict[int, JournalEntry]] = {}
+        self._attempts: dict[str, list[Attempt]] = {}
+        self._idempotent: dict[tuple[str, str], IdempotentResult] = {}
+
+    async def open(self) -> None:
+        self._open = True
+
+    async def close(self) -> None:
+        self._open = False
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise StorageError("the memory store is closed; open it (or the Runtime) first")
+
+    async def schema_version(self) -> int:
+        return SCHEMA_VERSION
+
+    async def create_invocation(
+        self, invocation: InvocationRecord, input_entry: JournalEntry
+    ) -> tuple[InvocationRecord, bool]:
+        self._check_open()
+        if invocation.idempotency_key is not None:
+            existing = self._by_key.get((invocation.target, invocation.idempotency_key))
+            if existing is not None:
+                return self._invocations[existing], False
+        if invocation.id in self._invocations:
+            raise ConflictError(f"invocation id {invocation.id} is already taken")
+        if self._before_commit is not None:
+            self._before_commit(1)
+        self._invocations[invocation.id] = invocation
+        if invocation.idempotency_key is not None:
+            self._by_key[(invocation.target, invocation.idempotency_key)] = invocation.id
+        self._journal[invocation.id] = {input_entry.index: input_entry}
+        return invocation, True
+
+    async def commit(self, write: Write) -> None:
+        self._check_open()
+        # Validate everything first, so that a rejected write changes nothing.
+        for e in write.entries:
+            journal = self._journal.get(e.invocation_id)
+            if journal is None:
+                raise ConflictError(f"invocation {e.invocation_id} does not exist")
+            if e.index in journal:
+                raise ConflictError(
+                    f"invocation {e.invocation_id}: journal index {e.index} is already recorded"
+                )
+        change = write.status
+        if change is not None and change.invocation_id not in self._invocations:
+            raise ConflictError(f"invocation {change.invocation_id} does not exist")
+        if self._before_commit is not None:
+            self._before_commit(1)
+        for e in write.entries:
+            self._journal[e.invocation_id][e.index] = e
+        for a in write.attempts:
+            self._attempts.setdefault(a.invocation_id, []).append(a)
+        if change is not None:
+            self._invocations[change.invocation_id] = dataclasses.replace(
+                self._invocations[change.invocation_id],
+                status=change.status,
+                updated_at=change.updated_at,
+                last_error=change.last_error,
+            )
+        r = write.idempotent
+        if r is not None:
+            self._idempotent.setdefault((r.scope, r.key), r)
+
+    async def get_invocation(self, invocation_id: str) -> InvocationRecord | None:
+        self._check_open()
+        return self._invocations.get(invocation_id)
+
+    async def find_invocation(self, target: str, idempotency_key: str) -> InvocationRecord | None:
+        self._check_open()
+        found = self._by_key.get((target, idempotency_key))
+        return None if found is None else self._invocations[found]
+
+    async def list_invocations(
+        self,
+        *,
+        statuses: Sequence[Status] | None = None,
+        target: str | None = None,
+        limit: int | None = None,
+    ) -> list[InvocationRecord]:
+        self._check_open()
+        rows = sorted(self._invocations.values(), key=lambda r: r.id)
+        if statuses is not None:
+            wanted = set(statuses)
+            rows = [r for r in rows if r.status in wanted]
+        if target is not None:
+            rows = [r for r in rows if r.target == target]
+        return rows if limit is None else rows[:limit]
+
+    async def read_journal(self, invocation_id: str) -> list[JournalEntry]:
+        self._check_open()
+        journal = self._journal.get(invocation_id, {})
+        return [journal[i] for i in sorted(journal)]
+
+    async def read_attempts(self, invocation_id: str) -> list[Attempt]:
+        self._check_open()
+        return sorted(self._attempts.get(invocation_id, []), key=lambda a: (a.index, a.attempt))
+
+    async def get_idempotent_result(self, scope: str, key: str) -> IdempotentResult | None:
+        self._check_open()
+        return self._idempotent.get((scope, key))
