@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import functools
 import inspect
@@ -294,8 +293,7 @@ class Context:
             if is_async:
                 return await fn(*args, **kwargs)
             ctx = contextvars.copy_context()
-            call = functools.partial(ctx.run, fn, *args, **kwargs)
-            value = await asyncio.get_running_loop().run_in_executor(self._rt.executor, call)
+            value = await self._rt.pool.submit(functools.partial(ctx.run, fn, *args, **kwargs))
             if inspect.isawaitable(value):  # a lambda that returns a coroutine
                 value = await value
             return value

@@ -8,12 +8,17 @@ inserts at the end of the B-tree, which batched inserts need to be fast
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 
 
 class _UUID7:
     def __init__(self) -> None:
+        # Seeded from the OS once (and again in a forked child): ids need to
+        # be unique, not secret, and a syscall per id costs more than the rest.
+        self._random = random.Random(os.urandom(16))
+        os.register_at_fork(after_in_child=lambda: self._random.seed(os.urandom(16)))
         self._lock = threading.Lock()
         self._last_ms = 0
         self._counter = 0
@@ -29,9 +34,9 @@ class _UUID7:
                 ms = self._last_ms
             else:
                 self._last_ms = ms
-                self._counter = int.from_bytes(os.urandom(2)) & 0x3FF
+                self._counter = self._random.getrandbits(10)
             counter = self._counter
-        rand = int.from_bytes(os.urandom(8)) & 0x3FFF_FFFF_FFFF_FFFF
+            rand = self._random.getrandbits(62)
         value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand
         h = f"{value:032x}"
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

@@ -9,7 +9,6 @@ import logging
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ._clock import Clock, SystemClock
@@ -27,6 +26,7 @@ from ._errors import (
 )
 from ._hooks import Hooks
 from ._journal import Replay
+from ._pool import StepPool
 from ._retry import RetryPolicy
 from ._serde import Codec
 from ._workflow import Workflow, as_workflow
@@ -118,7 +118,7 @@ class Runtime:
         self.client = Client(self)
         self._recover = recover
         self._max_step_threads = max_step_threads
-        self._executor: ThreadPoolExecutor | None = None
+        self._pool: StepPool | None = None
         self._workflows: dict[str, Workflow[Any, Any]] = {}
         for wf in workflows:
             self.register(wf)
@@ -169,9 +169,7 @@ class Runtime:
         if self._started:
             return
         await self.store.open()
-        self._executor = ThreadPoolExecutor(
-            self._max_step_threads, thread_name_prefix="perdure-step"
-        )
+        self._pool = StepPool(asyncio.get_running_loop(), self._max_step_threads)
         self._started = True
         if self._recover:
             await self.recover()
@@ -186,9 +184,9 @@ class Runtime:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.store.close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     async def __aenter__(self) -> Runtime:
         await self.start()
@@ -198,10 +196,11 @@ class Runtime:
         await self.stop()
 
     @property
-    def executor(self) -> ThreadPoolExecutor:
-        if self._executor is None:
+    def pool(self) -> StepPool:
+        """The threads that run sync steps."""
+        if self._pool is None:
             raise ConfigurationError("the runtime is not started: use 'async with Runtime(...)'")
-        return self._executor
+        return self._pool
 
     def _check_started(self) -> None:
         if not self._started:

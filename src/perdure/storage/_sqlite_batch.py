@@ -1,0 +1,400 @@
+"""Group commit for the SQLite store.
+
+Writes from every concurrent invocation queue up on the event loop. The loop
+writes a whole batch's rows in one transaction, with one multi-row statement
+per table, and a committer thread runs the COMMIT: the fsync, with the GIL
+released. Callers are released only after their batch committed. While one
+batch commits, the next one gathers.
+
+Why this split: Python's sqlite3 releases the GIL around every statement
+step, and a thread that wants it back waits for the busy event loop (up to
+a switch interval each time). A writer thread doing all the work paid that
+wait a dozen times per batch; here the committer pays it once.
+
+A batch in which one write fails (a journal index already taken) is redone
+with a savepoint per write, so the bad write fails alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import queue
+import sqlite3
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from .._errors import ConflictError, PerdureError, StorageError, StorageFullError
+from ._base import BeforeCommit
+from ._records import InvocationRecord, JournalEntry, Status, Write
+
+INVOCATION_COLUMNS = (
+    "id, target, input_hash, idempotency_key, status, created_at, updated_at, last_error"
+)
+JOURNAL_COLUMNS = "invocation_id, idx, kind, name, ok, payload, type_tag, attempts, created_at"
+
+
+_INSERT_JOURNAL_HEAD = f"INSERT INTO journal ({JOURNAL_COLUMNS}) VALUES "
+_INSERT_INVOCATION_HEAD = f"INSERT INTO invocations ({INVOCATION_COLUMNS}) VALUES "
+_INSERT_ATTEMPT_HEAD = (
+    "INSERT OR IGNORE INTO attempts (invocation_id, idx, attempt, error, created_at) VALUES "
+)
+_INSERT_IDEMPOTENT_HEAD = (
+    "INSERT OR IGNORE INTO idempotent_results "
+    "(scope, key, ok, payload, type_tag, invocation_id, created_at) VALUES "
+)
+_MAX_VARIABLES = 32766  # SQLite's default limit on ? parameters per statement
+
+
+def _chunks(rows: list[Any], size: int) -> list[list[Any]]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def _insert_many(
+    conn: sqlite3.Connection,
+    head: str,
+    width: int,
+    rows: list[tuple[Any, ...]],
+    suffix: str = "",
+) -> None:
+    """Insert ``rows`` with as few statements (and GIL hand-offs) as possible."""
+    one = "(" + ", ".join("?" * width) + ")"
+    for chunk in _chunks(rows, _MAX_VARIABLES // width):
+        conn.execute(
+            head + ", ".join([one] * len(chunk)) + suffix, [x for row in chunk for x in row]
+        )
+
+
+def map_error(exc: sqlite3.Error, path: str) -> PerdureError:
+    """Translate a sqlite3 error into Perdure's own, saying what to do."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name == "SQLITE_FULL" or "full" in str(exc):
+        return StorageFullError(
+            f"SQLite store {path}: the disk (or the database's size limit) is full: {exc}. "
+            "Free space and restart; everything committed so far is intact."
+        )
+    if name in {"SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM"} or (
+        isinstance(exc, sqlite3.OperationalError)
+        and ("readonly" in str(exc) or "unable to open" in str(exc))
+    ):
+        return StorageError(
+            f"SQLite store {path}: cannot open or write the database file ({exc}). "
+            "Check that the path is a file in a writable directory."
+        )
+    if name in {"SQLITE_BUSY", "SQLITE_LOCKED"}:
+        return StorageError(
+            f"SQLite store {path}: the database is locked by another connection ({exc}). "
+            "Only one Perdure runtime may write to a SQLite file."
+        )
+    if name == "SQLITE_CORRUPT" or name == "SQLITE_NOTADB":
+        return StorageError(
+            f"SQLite store {path}: the file is not a valid database or is corrupt ({exc})."
+        )
+    return StorageError(f"SQLite store {path}: {type(exc).__name__}: {exc}")
+
+
+def entry_row(e: JournalEntry) -> tuple[Any, ...]:
+    return (
+        e.invocation_id,
+        e.index,
+        e.kind.value,
+        e.name,
+        int(e.ok),
+        e.payload,
+        e.type_tag,
+        e.attempts,
+        e.created_at,
+    )
+
+
+def invocation_from_row(row: Sequence[Any]) -> InvocationRecord:
+    return InvocationRecord(
+        id=row[0],
+        target=row[1],
+        input_hash=row[2],
+        idempotency_key=row[3],
+        status=Status(row[4]),
+        created_at=row[5],
+        updated_at=row[6],
+        last_error=row[7],
+    )
+
+
+def invocation_row(inv: InvocationRecord) -> tuple[Any, ...]:
+    return (
+        inv.id,
+        inv.target,
+        inv.input_hash,
+        inv.idempotency_key,
+        inv.status.value,
+        inv.created_at,
+        inv.updated_at,
+        inv.last_error,
+    )
+
+
+@dataclasses.dataclass(slots=True)
+class _Op:
+    """One queued write and the future that waits for its commit."""
+
+    create: tuple[InvocationRecord, JournalEntry] | None
+    write: Write | None
+    future: asyncio.Future[Any]
+
+
+_STOP: Any = object()
+
+
+class GroupCommitter:
+    """Batches the writes of one event loop onto one SQLite connection."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        loop: asyncio.AbstractEventLoop,
+        path: str,
+        before_commit: BeforeCommit | None,
+    ) -> None:
+        self._conn = conn
+        self._loop = loop
+        self._path = path
+        self._before_commit = before_commit
+        self._pending: list[_Op] = []
+        self._flush_scheduled = False
+        self._in_flight = False
+        self._drained: asyncio.Future[None] | None = None
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._commit_loop, name="perdure-sqlite-commit", daemon=True
+        )
+        self._thread.start()
+
+    # -- event loop side -------------------------------------------------------
+
+    def submit(
+        self, create: tuple[InvocationRecord, JournalEntry] | None, write: Write | None
+    ) -> asyncio.Future[Any]:
+        future = self._loop.create_future()
+        self._pending.append(_Op(create, write, future))
+        if not self._in_flight and not self._flush_scheduled:
+            # Run after the callbacks ready now, so that the writes they make
+            # join this batch.
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._in_flight or not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self._fail(batch, map_error(exc, self._path))
+            return
+        try:
+            outcomes = self._write(batch)
+            if self._before_commit is not None:
+                self._before_commit(len(batch))
+        except BaseException as exc:
+            conn.execute("ROLLBACK")
+            error: BaseException = (
+                map_error(exc, self._path) if isinstance(exc, sqlite3.Error) else exc
+            )
+            for op in batch:
+                _settle(op.future, False, error)
+            self._after_batch()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._in_flight = True
+        self._jobs.put((batch, outcomes))
+
+    def _fail(self, batch: list[_Op], error: BaseException) -> None:
+        for op in batch:
+            _settle(op.future, False, error)
+        self._after_batch()
+
+    def _write(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
+        conn = self._conn
+        conn.execute("SAVEPOINT batch")
+        try:
+            results = _apply(conn, batch)
+            conn.execute("RELEASE batch")
+            return [(True, r) for r in results]
+        except (sqlite3.Error, PerdureError):
+            conn.execute("ROLLBACK TO batch")
+            conn.execute("RELEASE batch")
+        # Something in the batch failed: redo it write by write.
+        outcomes: list[tuple[bool, Any]] = []
+        for op in batch:
+            conn.execute("SAVEPOINT one")
+            try:
+                outcomes.append((True, _apply(conn, [op])[0]))
+                conn.execute("RELEASE one")
+            except (sqlite3.Error, PerdureError) as exc:
+                conn.execute("ROLLBACK TO one")
+                conn.execute("RELEASE one")
+                error = map_error(exc, self._path) if isinstance(exc, sqlite3.Error) else exc
+                outcomes.append((False, error))
+        return outcomes
+
+    def _committed(
+        self, batch: list[_Op], outcomes: list[tuple[bool, Any]], error: BaseException | None
+    ) -> None:
+        self._in_flight = False
+        for op, (ok, value) in zip(batch, outcomes, strict=True):
+            if error is not None:
+                _settle(op.future, False, error)
+            else:
+                _settle(op.future, ok, value)
+        self._after_batch()
+
+    def _after_batch(self) -> None:
+        if self._pending:
+            self._flush()
+        elif self._drained is not None and not self._in_flight and not self._drained.done():
+            self._drained.set_result(None)
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop the committer thread."""
+        if self._pending or self._in_flight or self._flush_scheduled:
+            self._drained = self._loop.create_future()
+            if not self._in_flight and not self._flush_scheduled:
+                self._flush()
+            await self._drained
+        self._jobs.put(_STOP)
+        await asyncio.to_thread(self._thread.join)
+
+    # -- committer thread ------------------------------------------------------
+
+    def _commit_loop(self) -> None:
+        conn, loop = self._conn, self._loop
+        while True:
+            job = self._jobs.get()
+            if job is _STOP:
+                return
+            batch, outcomes = job
+            error: BaseException | None = None
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                error = map_error(exc, self._path)
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            loop.call_soon_threadsafe(self._committed, batch, outcomes, error)
+
+
+def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
+    """Write ``batch`` with one multi-row statement per table; raise on any failure."""
+    outcomes: list[Any] = [None] * len(batch)
+    journal_rows: list[tuple[Any, ...]] = []
+    attempt_rows: list[tuple[Any, ...]] = []
+    status_rows: list[tuple[Any, ...]] = []
+    idempotent_rows: list[tuple[Any, ...]] = []
+    creates: list[tuple[int, InvocationRecord, JournalEntry]] = []
+    for i, op in enumerate(batch):
+        if op.create is not None:
+            creates.append((i, *op.create))
+            continue
+        w = op.write
+        assert w is not None
+        journal_rows.extend(entry_row(e) for e in w.entries)
+        attempt_rows.extend(
+            (a.invocation_id, a.index, a.attempt, a.error, a.created_at) for a in w.attempts
+        )
+        if w.status is not None:
+            s = w.status
+            status_rows.append((s.invocation_id, s.status.value, s.updated_at, s.last_error))
+        if w.idempotent is not None:
+            r = w.idempotent
+            idempotent_rows.append(
+                (r.scope, r.key, int(r.ok), r.payload, r.type_tag, r.invocation_id, r.created_at)
+            )
+    if creates:
+        _create_many(conn, creates, outcomes, journal_rows)
+    if journal_rows:
+        try:
+            _insert_many(conn, _INSERT_JOURNAL_HEAD, 9, journal_rows)
+        except sqlite3.IntegrityError as exc:
+            first = journal_rows[0]
+            raise ConflictError(
+                f"invocation {first[0]}: journal index {first[1]} is already recorded ({exc})"
+            ) from None
+    if attempt_rows:
+        _insert_many(conn, _INSERT_ATTEMPT_HEAD, 5, attempt_rows)
+    if status_rows:
+        _update_statuses(conn, status_rows)
+    if idempotent_rows:
+        _insert_many(conn, _INSERT_IDEMPOTENT_HEAD, 7, idempotent_rows)
+    return outcomes
+
+
+def _create_many(
+    conn: sqlite3.Connection,
+    creates: list[tuple[int, InvocationRecord, JournalEntry]],
+    outcomes: list[Any],
+    journal_rows: list[tuple[Any, ...]],
+) -> None:
+    rows = [invocation_row(inv) for _, inv, _ in creates]
+    # A taken id or (target, idempotency key) makes its row a no-op; which
+    # rows went in is read back in one step.
+    _insert_many(conn, _INSERT_INVOCATION_HEAD, 8, rows, suffix=" ON CONFLICT DO NOTHING")
+    inserted: set[str] = set()
+    for chunk in _chunks([inv.id for _, inv, _ in creates], 4096):
+        found = conn.execute(
+            "SELECT group_concat(id, ',') FROM invocations WHERE id IN "
+            f"({','.join('?' * len(chunk))})",
+            chunk,
+        ).fetchone()[0]
+        if found:
+            inserted.update(found.split(","))
+    for i, inv, entry in creates:
+        if inv.id in inserted:
+            outcomes[i] = (inv, True)
+            journal_rows.append(entry_row(entry))
+            continue
+        existing = None
+        if inv.idempotency_key is not None:
+            row = conn.execute(
+                f"SELECT {INVOCATION_COLUMNS} FROM invocations "
+                "WHERE target = ? AND idempotency_key = ?",
+                (inv.target, inv.idempotency_key),
+            ).fetchone()
+            existing = None if row is None else invocation_from_row(row)
+        if existing is None:
+            raise ConflictError(f"invocation id {inv.id} is already taken")
+        outcomes[i] = (existing, False)
+
+
+def _update_statuses(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    wanted = len({r[0] for r in rows})
+    changed = 0
+    for chunk in _chunks(rows, 2000):
+        cur = conn.execute(
+            "UPDATE invocations SET status = v.column2, updated_at = v.column3, "
+            "last_error = v.column4 FROM (VALUES "
+            + ",".join(["(?, ?, ?, ?)"] * len(chunk))
+            + ") AS v WHERE invocations.id = v.column1",
+            [x for row in chunk for x in row],
+        )
+        changed += cur.rowcount
+    if changed != wanted:
+        raise ConflictError(
+            f"invocation {rows[0][0]} (or another in its batch) does not exist; "
+            "cannot set its status"
+        )
