@@ -19,6 +19,7 @@ from ._errors import ConfigurationError as ConfigurationError
 from ._errors import ConflictError as ConflictError
 from ._errors import IdempotencyConflictError as IdempotencyConflictError
 from ._errors import InvocationFailedError as InvocationFailedError
+from ._errors import InvocationStoppedError as InvocationStoppedError
 from ._errors import JournalDecodeError as JournalDecodeError
 from ._errors import NonDeterminismError as NonDeterminismError
 from ._errors import NotFoundError as NotFoundError
@@ -51,6 +52,7 @@ __all__ = [
     "IdempotencyConflictError",
     "InvocationFailedError",
     "InvocationHandle",
+    "InvocationStoppedError",
     "JournalDecodeError",
     "NonDeterminismError",
     "NotFoundError",

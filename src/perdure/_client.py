@@ -11,6 +11,7 @@ import msgspec
 
 from ._errors import (
     InvocationFailedError,
+    InvocationStoppedError,
     JournalDecodeError,
     NotFoundError,
     SerializationError,
@@ -107,14 +108,20 @@ class InvocationHandle(Generic[R]):
         async with asyncio.timeout(timeout):
             task = self._rt.running(self.id)
             if task is not None:
-                outcome = await asyncio.shield(task)
+                try:
+                    outcome = await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if task.cancelled() and not (current and current.cancelling()):
+                        raise InvocationStoppedError(self.id, None) from None
+                    raise
                 if outcome.status is Status.COMPLETED:
                     value: R = outcome.value
                     return value
                 assert outcome.error is not None
                 if outcome.status is Status.FAILED:
                     raise InvocationFailedError(self.id, self.target, outcome.error)
-                raise outcome.error
+                raise InvocationStoppedError(self.id, outcome.error)
             return await self._result_from_store()
 
     async def _result_from_store(self) -> R:
@@ -129,6 +136,9 @@ class InvocationHandle(Generic[R]):
             task = self._rt.running(self.id)
             if task is not None:  # it was resumed meanwhile
                 return await self.result()
+            reason = self._rt.stopped_reason(self.id)
+            if reason is not None:
+                raise InvocationStoppedError(self.id, reason)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
         journal = await store.read_journal(self.id)

@@ -15,7 +15,8 @@ Every error Perdure raises derives from one root::
     │   └── JournalDecodeError      a stored journal row cannot be read back
     ├── StorageError                the backend failed (driver errors mapped here)
     │   └── StorageFullError
-    └── InvocationFailedError       the invocation ended with an error (``__cause__``)
+    ├── InvocationFailedError       the invocation ended with an error (``__cause__``)
+    └── InvocationStoppedError      it stopped unfinished here; resumes on the next start
 
 User code raises :class:`TerminalError` from a step or a workflow to say
 "do not retry". It is an ordinary ``Exception`` so that it can be caught.
@@ -121,6 +122,22 @@ class InvocationFailedError(PerdureError):
             f"invocation {invocation_id} of {target!r} failed: {type(cause).__name__}: {cause}"
         )
         self.__cause__ = cause
+
+
+class InvocationStoppedError(PerdureError):
+    """The invocation stopped unfinished in this process and will not progress
+    until a runtime starts on its store again (``__cause__`` says why: the
+    runtime stopped, the code is non-deterministic, the storage failed)."""
+
+    def __init__(self, invocation_id: str, reason: BaseException | None) -> None:
+        self.invocation_id = invocation_id
+        self.reason = reason
+        why = "the runtime stopped" if reason is None else f"{type(reason).__name__}: {reason}"
+        super().__init__(
+            f"invocation {invocation_id} stopped unfinished ({why}); it resumes from its "
+            "journal when a runtime starts on this store again"
+        )
+        self.__cause__ = reason
 
 
 class TerminalError(Exception):

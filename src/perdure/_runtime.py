@@ -123,6 +123,8 @@ class Runtime:
         for wf in workflows:
             self.register(wf)
         self._tasks: dict[str, asyncio.Task[Outcome]] = {}
+        # Invocations that stopped unfinished in this process, and why.
+        self._stopped: dict[str, BaseException] = {}
         self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
@@ -281,6 +283,7 @@ class Runtime:
             self._execute(rec, wf, journal, attempts, decoded), name=f"perdure:{rec.id}"
         )
         self._tasks[rec.id] = task
+        self._stopped.pop(rec.id, None)
         task.add_done_callback(functools.partial(self._forget, rec.id))
 
     def _forget(self, invocation_id: str, _task: object) -> None:
@@ -380,8 +383,13 @@ class Runtime:
         self.stats.invocations_failed += 1
         return Outcome(Status.FAILED, error=error)
 
+    def stopped_reason(self, invocation_id: str) -> BaseException | None:
+        """Why an invocation stopped unfinished in this process, if it did."""
+        return self._stopped.get(invocation_id)
+
     def _suspended(self, rec: InvocationRecord, reason: BaseException) -> Outcome:
         self.stats.invocations_suspended += 1
+        self._stopped[rec.id] = reason
         log.error("invocation %s (%s) stopped unfinished: %s", rec.id, rec.target, reason)
         return Outcome(Status.RUNNING, error=reason)
 
