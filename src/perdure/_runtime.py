@@ -215,7 +215,7 @@ class Runtime:
         """Resume every unfinished invocation from its journal; return how many."""
         began = time.perf_counter()
         records = await self.store.list_invocations(statuses=UNFINISHED)
-        resumed = 0
+        runnable: list[tuple[InvocationRecord, Workflow[Any, Any]]] = []
         for rec in records:
             if rec.id in self._tasks:
                 continue
@@ -227,11 +227,12 @@ class Runtime:
                     rec.target,
                 )
                 continue
-            journal, attempts = await asyncio.gather(
-                self.store.read_journal(rec.id), self.store.read_attempts(rec.id)
-            )
+            runnable.append((rec, wf))
+        journals = await self.store.read_journals([rec.id for rec, _ in runnable])
+        for rec, wf in runnable:
+            journal, attempts = journals[rec.id]
             self._launch(rec, wf, journal, attempts, None)
-            resumed += 1
+        resumed = len(runnable)
         self.stats.invocations_recovered += resumed
         self.stats.recovery_seconds = time.perf_counter() - began
         if resumed:

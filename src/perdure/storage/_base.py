@@ -86,6 +86,22 @@ class Store(abc.ABC):
     async def read_attempts(self, invocation_id: str) -> list[Attempt]:
         """An invocation's failed step attempts, by index then attempt."""
 
+    async def read_journals(
+        self, invocation_ids: Sequence[str]
+    ) -> dict[str, tuple[list[JournalEntry], list[Attempt]]]:
+        """Journals and failed attempts of many invocations, for recovery.
+
+        Backends should override this with a bulk read; this default reads
+        one invocation at a time.
+        """
+        found: dict[str, tuple[list[JournalEntry], list[Attempt]]] = {}
+        for invocation_id in invocation_ids:
+            found[invocation_id] = (
+                await self.read_journal(invocation_id),
+                await self.read_attempts(invocation_id),
+            )
+        return found
+
     @abc.abstractmethod
     async def get_idempotent_result(self, scope: str, key: str) -> IdempotentResult | None: ...
 

@@ -361,6 +361,38 @@ class SQLiteStore(Store):
             for r in rows
         ]
 
+    async def read_journals(
+        self, invocation_ids: Sequence[str]
+    ) -> dict[str, tuple[list[JournalEntry], list[Attempt]]]:
+        found: dict[str, tuple[list[JournalEntry], list[Attempt]]] = {
+            i: ([], []) for i in invocation_ids
+        }
+        ids = list(found)
+        for start in range(0, len(ids), 900):
+            chunk = ids[start : start + 900]
+            marks = ",".join("?" * len(chunk))
+            for row in await self._read(
+                f"SELECT {JOURNAL_COLUMNS} FROM journal WHERE invocation_id IN ({marks}) "
+                "ORDER BY invocation_id, idx",
+                chunk,
+            ):
+                found[row[0]][0].append(_entry(row))
+            for row in await self._read(
+                "SELECT invocation_id, idx, attempt, error, created_at FROM attempts "
+                f"WHERE invocation_id IN ({marks}) ORDER BY invocation_id, idx, attempt",
+                chunk,
+            ):
+                found[row[0]][1].append(
+                    Attempt(
+                        invocation_id=row[0],
+                        index=row[1],
+                        attempt=row[2],
+                        error=row[3],
+                        created_at=row[4],
+                    )
+                )
+        return found
+
     async def get_idempotent_result(self, scope: str, key: str) -> IdempotentResult | None:
         rows = await self._read(
             "SELECT scope, key, ok, payload, type_tag, invocation_id, created_at "
