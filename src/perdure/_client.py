@@ -249,7 +249,11 @@ class Client:
         limit: int | None = 100,
     ) -> list[InvocationRecord]:
         """Invocations, oldest first, filtered by status and workflow name."""
-        statuses = None if status is None else [Status(status)]
+        try:
+            statuses = None if status is None else [Status(status)]
+        except ValueError:
+            known = ", ".join(s.value for s in Status)
+            raise ValueError(f"unknown status {status!r}; use one of: {known}") from None
         return await self._rt.store.list_invocations(
             statuses=statuses, target=workflow, limit=limit
         )

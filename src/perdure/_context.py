@@ -244,10 +244,9 @@ class Context:
                 continue
             break
         try:
-            payload, tag = rt.codec.encode(
-                value, f"step {name!r} of invocation {self.invocation_id}"
-            )
-            result: T = rt.codec.roundtrip(value, payload, tag, return_hint(fn))
+            what = f"step {name!r} of invocation {self.invocation_id}"
+            payload, tag = rt.codec.encode(value, what)
+            result: T = rt.codec.roundtrip(value, payload, tag, return_hint(fn), what)
         except SerializationError as exc:
             await self._record_error(index, name, attempt, exc)
         now = rt.clock.now()

@@ -31,9 +31,7 @@ class StepPool:
         self._jobs: queue.SimpleQueue[tuple[asyncio.Future[Any], Callable[[], Any]]] = (
             queue.SimpleQueue()
         )
-        self._done: collections.deque[tuple[asyncio.Future[Any], bool, Any]] = (
-            collections.deque()
-        )
+        self._done: collections.deque[tuple[asyncio.Future[Any], bool, Any]] = collections.deque()
         self._wakeup_pending = False
         self._threads: list[threading.Thread] = []
         self._idle = 0

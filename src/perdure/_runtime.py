@@ -174,7 +174,11 @@ class Runtime:
         self._pool = StepPool(asyncio.get_running_loop(), self._max_step_threads)
         self._started = True
         if self._recover:
-            await self.recover()
+            try:
+                await self.recover()
+            except BaseException:
+                await self.stop()
+                raise
 
     async def stop(self) -> None:
         """Stop running invocations (they resume on the next start) and close."""
@@ -221,18 +225,24 @@ class Runtime:
                 continue
             wf = self._workflows.get(rec.target)
             if wf is None:
-                log.error(
-                    "invocation %s cannot resume: workflow %r is not registered with this runtime",
-                    rec.id,
-                    rec.target,
+                self._suspended(
+                    rec,
+                    UnknownWorkflowError(
+                        f"invocation {rec.id} cannot resume: workflow {rec.target!r} is not "
+                        "registered with this runtime; register it and restart"
+                    ),
                 )
                 continue
             runnable.append((rec, wf))
-        journals = await self.store.read_journals([rec.id for rec, _ in runnable])
+        journals = await self._read_journals([rec.id for rec, _ in runnable])
+        resumed = 0
         for rec, wf in runnable:
-            journal, attempts = journals[rec.id]
-            self._launch(rec, wf, journal, attempts, None)
-        resumed = len(runnable)
+            found = journals[rec.id]
+            if isinstance(found, JournalDecodeError):
+                self._suspended(rec, found)
+                continue
+            self._launch(rec, wf, found[0], found[1], None)
+            resumed += 1
         self.stats.invocations_recovered += resumed
         self.stats.recovery_seconds = time.perf_counter() - began
         if resumed:
@@ -313,8 +323,11 @@ class Runtime:
                 value = await wf.fn(ctx, *args, **kwargs)
             except Exception as exc:
                 return await self._finish(rec, wf, replay, Status.FAILED, None, exc)
+            # Check the result reads back before recording it as completed.
+            what = f"result of invocation {rec.id}"
             try:
-                payload, tag = self.codec.encode(value, f"result of invocation {rec.id}")
+                payload, tag = self.codec.encode(value, what)
+                value = self.codec.roundtrip(value, payload, tag, wf.return_hint, what)
             except SerializationError as exc:
                 return await self._finish(rec, wf, replay, Status.FAILED, None, exc)
             return await self._finish(
@@ -324,6 +337,24 @@ class Runtime:
             return self._suspended(rec, s.reason)
         except (NonDeterminismError, JournalDecodeError, StorageError) as exc:
             return self._suspended(rec, exc)
+
+    async def _read_journals(
+        self, ids: list[str]
+    ) -> dict[str, tuple[list[JournalEntry], list[Attempt]] | JournalDecodeError]:
+        """Read journals in bulk; if one cannot be decoded, isolate it."""
+        try:
+            return dict(await self.store.read_journals(ids))
+        except JournalDecodeError:
+            pass
+        found: dict[str, tuple[list[JournalEntry], list[Attempt]] | JournalDecodeError] = {}
+        for invocation_id in ids:
+            try:
+                found[invocation_id] = (await self.store.read_journals([invocation_id]))[
+                    invocation_id
+                ]
+            except JournalDecodeError as exc:
+                found[invocation_id] = exc
+        return found
 
     def _decode_input(
         self, invocation_id: str, wf: Workflow[Any, Any], entry: JournalEntry
@@ -346,30 +377,20 @@ class Runtime:
         now = self.clock.now()
         if success is not None:
             value, payload, tag = success
-            entry = JournalEntry(
-                invocation_id=rec.id,
-                index=index,
-                kind=EntryKind.OUTPUT,
-                name=wf.name,
-                ok=True,
-                payload=payload,
-                type_tag=tag,
-                attempts=1,
-                created_at=now,
-            )
         else:
             assert error is not None
-            entry = JournalEntry(
-                invocation_id=rec.id,
-                index=index,
-                kind=EntryKind.OUTPUT,
-                name=wf.name,
-                ok=False,
-                payload=self.codec.encode_error(error),
-                type_tag=None,
-                attempts=1,
-                created_at=now,
-            )
+            value, payload, tag = None, self.codec.encode_error(error), None
+        entry = JournalEntry(
+            invocation_id=rec.id,
+            index=index,
+            kind=EntryKind.OUTPUT,
+            name=wf.name,
+            ok=success is not None,
+            payload=payload,
+            type_tag=tag,
+            attempts=1,
+            created_at=now,
+        )
         change = StatusChange(invocation_id=rec.id, status=status, updated_at=now)
         try:
             await self.store.commit(Write(entries=(entry,), status=change))
@@ -379,7 +400,6 @@ class Runtime:
             self.hooks.after_output(rec.id)
         if success is not None:
             self.stats.invocations_completed += 1
-            value = self.codec.roundtrip(success[0], success[1], success[2], wf.return_hint)
             return Outcome(Status.COMPLETED, value=value)
         self.stats.invocations_failed += 1
         return Outcome(Status.FAILED, error=error)

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib
+import math
 import sys
 import traceback
 import typing
@@ -71,9 +72,15 @@ def resolve_name(tag: str) -> Any:
     return obj
 
 
-@functools.lru_cache(maxsize=4096)
 def return_hint(fn: Callable[..., Any]) -> Any:
     """The return annotation of ``fn`` resolved to a type, or None."""
+    try:
+        return _cached_return_hint(fn)
+    except TypeError:  # unhashable callable
+        return _return_hint(fn)
+
+
+def _return_hint(fn: Callable[..., Any]) -> Any:
     try:
         hint = typing.get_type_hints(fn).get("return")
     except Exception:
@@ -85,6 +92,9 @@ def return_hint(fn: Callable[..., Any]) -> Any:
         args = typing.get_args(hint)
         hint = args[-1] if args else None
     return hint
+
+
+_cached_return_hint = functools.lru_cache(maxsize=4096)(_return_hint)
 
 
 class Codec:
@@ -139,18 +149,29 @@ class Codec:
             return obj
         return convert(obj, target)
 
-    def roundtrip(self, value: Any, data: bytes, tag: str | None, hint: Any) -> Any:
-        """What replay will return for ``value``: live and replay agree."""
-        if type(value) in _SCALARS:
+    def roundtrip(self, value: Any, data: bytes, tag: str | None, hint: Any, what: str) -> Any:
+        """What replay will return for ``value``, so that live and replay agree.
+
+        Refuses a value that would come back as another type (a set, bytes or
+        a tuple without a return annotation, a float that is not finite).
+        """
+        tp = type(value)
+        if tp in _SCALARS and (tp is not float or math.isfinite(value)):
             return value
         try:
-            return self.decode(data, tag, hint)
+            back = self.decode(data, tag, hint)
         except (ValueError, TypeError, AttributeError, ImportError) as exc:
             raise SerializationError(
-                f"the value of type {type(value).__qualname__} serializes but cannot "
-                f"be read back ({exc}); give the step function an accurate return "
-                "annotation"
+                f"{what}: the {tp.__qualname__} value serializes but cannot be read "
+                f"back ({exc}); give the function an accurate return annotation"
             ) from None
+        if hint is None and type(back) is not tp:
+            raise SerializationError(
+                f"{what}: a {tp.__qualname__} value would come back from the journal as "
+                f"a {type(back).__qualname__} ({back!r:.80}); annotate the function's "
+                f"return type (e.g. '-> {tp.__qualname__}') or return a JSON type"
+            )
+        return back
 
     def decode_input(
         self, data: bytes, hints: dict[str, Any], params: list[str]

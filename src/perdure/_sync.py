@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 from ._client import InvocationHandle
@@ -26,10 +27,10 @@ class SyncHandle(Generic[R]):
         self.target = handle.target
 
     def status(self) -> Any:
-        return self._runtime._call(self._handle.status())
+        return self._runtime._call(self._handle.status)
 
     def result(self, *, timeout: float | None = None) -> R:
-        return self._runtime._call(self._handle.result(timeout=timeout))
+        return self._runtime._call(functools.partial(self._handle.result, timeout=timeout))
 
 
 class SyncRuntime:
@@ -64,7 +65,7 @@ class SyncRuntime:
         self._thread.start()
         self._loop = loop
         try:
-            self._call(self.runtime.start())
+            self._call(self.runtime.start)
         except BaseException:
             self._shutdown_loop()
             raise
@@ -73,7 +74,7 @@ class SyncRuntime:
         if self._loop is None:
             return
         try:
-            self._call(self.runtime.stop())
+            self._call(self.runtime.stop)
         finally:
             self._shutdown_loop()
 
@@ -85,12 +86,15 @@ class SyncRuntime:
             thread.join()
             loop.close()
 
-    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+    def _call(self, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run the coroutine ``make()`` returns on the runtime's loop and wait.
+
+        Takes a factory so that no coroutine exists when the call is refused.
+        """
         _refuse_in_loop()
         if self._loop is None:
-            coro.close()
             raise ConfigurationError("the SyncRuntime is not started: use 'with SyncRuntime(...)'")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        return asyncio.run_coroutine_threadsafe(make(), self._loop).result()
 
     def start_workflow(
         self,
@@ -102,7 +106,13 @@ class SyncRuntime:
     ) -> SyncHandle[R]:
         """Start a workflow; see :meth:`Client.start`."""
         handle = self._call(
-            self.runtime.client.start(workflow, *args, idempotency_key=idempotency_key, **kwargs)
+            functools.partial(
+                self.runtime.client.start,
+                workflow,
+                *args,
+                idempotency_key=idempotency_key,
+                **kwargs,
+            )
         )
         return SyncHandle(self, handle)
 
@@ -116,12 +126,16 @@ class SyncRuntime:
     ) -> R:
         """Start a workflow and wait for its result; see :meth:`Client.run`."""
         result: R = self._call(
-            self.runtime.client.run(workflow, *args, idempotency_key=idempotency_key, **kwargs)
+            functools.partial(
+                self.runtime.client.run, workflow, *args, idempotency_key=idempotency_key, **kwargs
+            )
         )
         return result
 
     def get(self, invocation_id: str) -> SyncHandle[Any]:
-        return SyncHandle(self, self._call(self.runtime.client.get(invocation_id)))
+        return SyncHandle(
+            self, self._call(functools.partial(self.runtime.client.get, invocation_id))
+        )
 
 
 def _refuse_in_loop() -> None:

@@ -43,6 +43,7 @@ class MemoryStore(Store):
             raise StorageError("the memory store is closed; open it (or the Runtime) first")
 
     async def schema_version(self) -> int:
+        self._check_open()
         return SCHEMA_VERSION
 
     async def create_invocation(
@@ -66,14 +67,19 @@ class MemoryStore(Store):
     async def commit(self, write: Write) -> None:
         self._check_open()
         # Validate everything first, so that a rejected write changes nothing.
+        seen: set[tuple[str, int]] = set()
+        for owner in {e.invocation_id for e in write.entries} | {
+            a.invocation_id for a in write.attempts
+        }:
+            if owner not in self._journal:
+                raise ConflictError(f"invocation {owner} does not exist")
         for e in write.entries:
-            journal = self._journal.get(e.invocation_id)
-            if journal is None:
-                raise ConflictError(f"invocation {e.invocation_id} does not exist")
-            if e.index in journal:
+            journal = self._journal[e.invocation_id]
+            if e.index in journal or (e.invocation_id, e.index) in seen:
                 raise ConflictError(
                     f"invocation {e.invocation_id}: journal index {e.index} is already recorded"
                 )
+            seen.add((e.invocation_id, e.index))
         change = write.status
         if change is not None and change.invocation_id not in self._invocations:
             raise ConflictError(f"invocation {change.invocation_id} does not exist")
@@ -82,7 +88,9 @@ class MemoryStore(Store):
         for e in write.entries:
             self._journal[e.invocation_id][e.index] = e
         for a in write.attempts:
-            self._attempts.setdefault(a.invocation_id, []).append(a)
+            attempts = self._attempts.setdefault(a.invocation_id, [])
+            if not any(x.index == a.index and x.attempt == a.attempt for x in attempts):
+                attempts.append(a)
         if change is not None:
             self._invocations[change.invocation_id] = dataclasses.replace(
                 self._invocations[change.invocation_id],
@@ -111,7 +119,7 @@ class MemoryStore(Store):
         limit: int | None = None,
     ) -> list[InvocationRecord]:
         self._check_open()
-        rows = sorted(self._invocations.values(), key=lambda r: r.id)
+        rows = sorted(self._invocations.values(), key=lambda r: (r.created_at, r.id))
         if statuses is not None:
             wanted = set(statuses)
             rows = [r for r in rows if r.status in wanted]

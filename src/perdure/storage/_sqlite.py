@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
-from .._errors import ConfigurationError, RuntimeLockedError, StorageError
+from .._errors import ConfigurationError, JournalDecodeError, RuntimeLockedError, StorageError
 from ._base import BeforeCommit, Store
 from ._records import (
     Attempt,
@@ -55,7 +55,7 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX invocations_unfinished ON invocations (status)
         WHERE status IN ('pending', 'running', 'suspended');
     CREATE TABLE journal (
-        invocation_id TEXT NOT NULL,
+        invocation_id TEXT NOT NULL REFERENCES invocations (id),
         idx INTEGER NOT NULL,
         kind TEXT NOT NULL,
         name TEXT NOT NULL,
@@ -67,7 +67,7 @@ _MIGRATIONS: list[str] = [
         PRIMARY KEY (invocation_id, idx)
     );
     CREATE TABLE attempts (
-        invocation_id TEXT NOT NULL,
+        invocation_id TEXT NOT NULL REFERENCES invocations (id),
         idx INTEGER NOT NULL,
         attempt INTEGER NOT NULL,
         error BLOB NOT NULL,
@@ -91,10 +91,16 @@ _MAX_BATCH = 2048
 
 
 def _entry(row: Sequence[Any]) -> JournalEntry:
+    try:
+        kind = EntryKind(row[2])
+        if row[4] not in (0, 1) or not isinstance(row[5], bytes):
+            raise ValueError(f"ok={row[4]!r} and a {type(row[5]).__name__} payload")
+    except ValueError as exc:
+        raise JournalDecodeError(row[0], row[1], f"the row is malformed ({exc})") from None
     return JournalEntry(
         invocation_id=row[0],
         index=row[1],
-        kind=EntryKind(row[2]),
+        kind=kind,
         name=row[3],
         ok=bool(row[4]),
         payload=row[5],
@@ -182,7 +188,13 @@ class SQLiteStore(Store):
 
     def _take_lock(self) -> None:
         lock_path = self.path + ".lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StorageError(
+                f"SQLite store {self.path}: cannot create the lock file {lock_path} "
+                f"({exc.strerror}). Put the database in a writable directory."
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -217,6 +229,7 @@ class SQLiteStore(Store):
                         f"SQLite store {self.path}: could not switch to WAL mode (got {mode})"
                     )
                 conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+                conn.execute("PRAGMA foreign_keys=ON")
             else:
                 conn.execute("PRAGMA query_only=1")
         except BaseException:
@@ -337,7 +350,7 @@ class SQLiteStore(Store):
         sql = f"SELECT {INVOCATION_COLUMNS} FROM invocations"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id"
+        sql += " ORDER BY created_at, id"
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)

@@ -332,11 +332,20 @@ def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
             _insert_many(conn, _INSERT_JOURNAL_HEAD, 9, journal_rows)
         except sqlite3.IntegrityError as exc:
             first = journal_rows[0]
+            if "FOREIGN KEY" in str(exc):
+                raise ConflictError(
+                    f"invocation {first[0]} (or another in the batch) does not exist"
+                ) from None
             raise ConflictError(
                 f"invocation {first[0]}: journal index {first[1]} is already recorded ({exc})"
             ) from None
     if attempt_rows:
-        _insert_many(conn, _INSERT_ATTEMPT_HEAD, 5, attempt_rows)
+        try:
+            _insert_many(conn, _INSERT_ATTEMPT_HEAD, 5, attempt_rows)
+        except sqlite3.IntegrityError:
+            raise ConflictError(
+                f"invocation {attempt_rows[0][0]} (or another in the batch) does not exist"
+            ) from None
     if status_rows:
         _update_statuses(conn, status_rows)
     if idempotent_rows:
