@@ -1,0 +1,234 @@
+"""The payment demo's worker process.
+
+Run by ``perdure demo`` as ``python -m perdure._demo.worker --dir DIR ...``;
+the demo kills the first worker with SIGKILL mid-batch and starts a second
+one on the same directory. Each worker:
+
+1. opens the Perdure store ``DIR/perdure.db`` and resumes every invocation
+   left unfinished by a previous worker, then waits until they complete
+   (the recovery that the demo times);
+2. submits the whole batch, at most ``--concurrency`` payments at a time,
+   with ``idempotency_key=payment_id``: a payment a previous worker already
+   recorded attaches to its invocation instead of starting another.
+
+It reports on stdout, one line per event, written straight to the file
+descriptor so that every line written before a SIGKILL still reaches the
+parent:
+
+``S <invocation id> <index> <step name>``
+    a step is about to run live (``Hooks.before_step``; not on replay);
+``D <payment id> <invocation id>``
+    a payment completed in this worker (resumed or new);
+``A <payment id>``
+    a payment was already known to the store: its submission attached;
+``E <json object>``
+    a phase event (``resumed``, ``recovered``, ``finished``) with figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import InvocationHandle, Runtime, StepInfo
+from ..storage import UNFINISHED
+from ..testing import Hooks
+from .payments import (
+    Charge,
+    PaymentRequest,
+    PaymentResult,
+    Provider,
+    SQLiteLedger,
+    SQLiteProvider,
+    build_payment_workflow,
+)
+
+STORE_FILE = "perdure.db"
+PROVIDER_FILE = "provider.db"
+LEDGER_FILE = "ledger.db"
+
+
+def payment_id(number: int) -> str:
+    return f"pay-{number:05d}"
+
+
+def make_payments(count: int) -> list[PaymentRequest]:
+    """The demo's batch: deterministic, every payment valid."""
+    return [
+        PaymentRequest(
+            payment_id=payment_id(i),
+            customer=f"cust-{i % 37:02d}",
+            amount_cents=100 + (i * 7919) % 99_000,
+            card="4242424242424242",
+        )
+        for i in range(1, count + 1)
+    ]
+
+
+class LatencyProvider:
+    """A provider behind a network whose round trip takes ``latency_seconds``
+    on average (uniformly 0.5x to 1.5x): half of it before the provider sees
+    the request, half after it has charged (the response travelling back).
+    A crash in the second half leaves a charge whose step has not committed:
+    the step runs again on recovery and the provider deduplicates the
+    repeated call by the step's key."""
+
+    def __init__(self, inner: Provider, latency_seconds: float) -> None:
+        self._inner = inner
+        self._half = max(0.0, latency_seconds) / 2
+
+    def _wait(self) -> None:
+        if self._half:
+            time.sleep(self._half * random.uniform(0.5, 1.5))
+
+    def charge(self, idempotency_key: str, payment_id: str, amount_cents: int) -> Charge:
+        self._wait()
+        charge = self._inner.charge(idempotency_key, payment_id, amount_cents)
+        self._wait()
+        return charge
+
+
+class Events:
+    """Event lines to the parent, one ``os.write`` each: nothing is buffered
+    in this process, so a SIGKILL loses no line already written."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._broken = False
+
+    def line(self, text: str) -> None:
+        if self._broken:
+            return
+        try:
+            os.write(self._fd, (text + "\n").encode())
+        except OSError:
+            # The parent is gone; the payments still finish correctly.
+            self._broken = True
+
+    def event(self, name: str, **figures: Any) -> None:
+        self.line("E " + json.dumps({"event": name, **figures}, separators=(",", ":")))
+
+
+async def run(args: argparse.Namespace) -> int:
+    began = time.monotonic()
+    directory = Path(args.dir)
+    events = Events(sys.stdout.fileno())
+    payments = make_payments(args.payments)
+    provider_db = SQLiteProvider(str(directory / PROVIDER_FILE))
+    ledger_db = SQLiteLedger(str(directory / LEDGER_FILE))
+    provider = LatencyProvider(provider_db, args.charge_latency_ms / 1000)
+    process_payment = build_payment_workflow(provider, ledger_db)
+
+    def before_step(info: StepInfo) -> None:
+        events.line(f"S {info.invocation_id} {info.index} {info.name}")
+
+    # recover=False, then rt.recover(): exactly what start() does by default,
+    # split so that the worker knows which invocations it resumed.
+    rt = Runtime(
+        f"sqlite:///{directory / STORE_FILE}",
+        workflows=[process_payment],
+        hooks=Hooks(before_step=before_step),
+        recover=False,
+    )
+    try:
+        await rt.start()
+        started = time.monotonic()
+        unfinished = await rt.store.list_invocations(statuses=UNFINISHED)
+        resumed = await rt.recover()
+        events.event(
+            "resumed",
+            pid=os.getpid(),
+            unfinished=len(unfinished),
+            resumed=resumed,
+            runtime_recovery_seconds=rt.stats.recovery_seconds,
+        )
+        handles: list[InvocationHandle[PaymentResult]] = [
+            InvocationHandle(rt, rec.id, rec.target) for rec in unfinished
+        ]
+        results = await asyncio.gather(*(h.result() for h in handles))
+        for handle, result in zip(handles, results, strict=True):
+            events.line(f"D {result.payment_id} {handle.id}")
+        recovered = time.monotonic()
+        events.event("recovered", recovered=len(handles))
+
+        known = {rec.idempotency_key for rec in await rt.store.list_invocations()}
+        limit = asyncio.Semaphore(args.concurrency)
+        created = 0
+
+        async def pay(request: PaymentRequest) -> None:
+            nonlocal created
+            async with limit:
+                handle = await rt.client.start(
+                    process_payment, request, idempotency_key=request.payment_id
+                )
+                result = await handle.result()
+            if result.payment_id != request.payment_id:
+                raise RuntimeError(f"{request.payment_id} returned {result!r}")
+            if request.payment_id in known:
+                events.line(f"A {request.payment_id}")
+            else:
+                created += 1
+                events.line(f"D {request.payment_id} {handle.id}")
+
+        await asyncio.gather(*(pay(p) for p in payments))
+        finished = time.monotonic()
+        stats = dataclasses.asdict(rt.stats)
+    finally:
+        await rt.stop()
+        provider_db.close()
+        ledger_db.close()
+
+    restarted_at: float | None = args.restarted_at
+    events.event(
+        "finished",
+        stats=stats,
+        resumed=len(handles),
+        created=created,
+        attached=len(payments) - created,
+        # Durations inside this process (time.monotonic is system-wide, so
+        # the parent's restart instant compares with ours).
+        startup_seconds=None if restarted_at is None else began - restarted_at,
+        open_seconds=started - began,
+        resume_seconds=recovered - started,
+        recovery_seconds=None if restarted_at is None else recovered - restarted_at,
+        batch_seconds=finished - recovered,
+    )
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m perdure._demo.worker",
+        description="The payment demo's worker (started by 'perdure demo').",
+    )
+    parser.add_argument("--dir", required=True, help="the demo's work directory")
+    parser.add_argument("--payments", type=int, required=True)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--charge-latency-ms", type=float, default=5.0)
+    parser.add_argument(
+        "--restarted-at",
+        type=float,
+        default=None,
+        help="time.monotonic() when the parent restarted this worker",
+    )
+    args = parser.parse_args(argv)
+    if args.payments < 1 or args.concurrency < 1 or args.charge_latency_ms < 0:
+        parser.error("--payments and --concurrency must be >= 1, --charge-latency-ms >= 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return asyncio.run(run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
