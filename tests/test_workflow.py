@@ -1098,3 +1098,23 @@ async def test_hooks_see_live_steps_only(backend: Backend, gate: Gate) -> None:
     assert before == [("a", 1), ("gate", 1), ("gate", 1)]
     assert after == ["a", "gate"]
     assert outputs == [handle.id]
+
+
+async def test_a_raising_hook_is_logged_and_ignored(
+    store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from perdure.testing import Hooks
+
+    def boom(_: object) -> None:
+        raise RuntimeError("metrics backend down")
+
+    @perdure.workflow(name="hooked")
+    async def wf(ctx: perdure.Context, x: int) -> int:
+        return await ctx.run("double", lambda: x * 2)
+
+    hooks = Hooks(before_step=boom, after_step=boom, after_output=boom, before_batch_commit=boom)
+    async with perdure.Runtime(store_url, workflows=[wf], clock=FakeClock(), hooks=hooks) as rt:
+        handle = await rt.client.start(wf, 21)
+        assert await handle.result() == 42
+        assert await handle.status() is Status.COMPLETED
+    assert "metrics backend down" in caplog.text

@@ -21,7 +21,7 @@ from ._errors import (
     Suspended,
     TerminalError,
 )
-from ._hooks import StepInfo
+from ._hooks import StepInfo, fire
 from ._journal import Replay
 from ._retry import RetryPolicy
 from ._serde import return_hint
@@ -215,8 +215,7 @@ class Context:
             info = StepInfo(
                 invocation_id=self.invocation_id, index=index, name=name, attempt=attempt
             )
-            if hooks.before_step is not None:
-                hooks.before_step(info)
+            fire(hooks.before_step, info)
             try:
                 value = await self._call(fn, args, kwargs, info, is_async)
             except TerminalError as exc:
@@ -275,8 +274,7 @@ class Context:
         await self._commit(Write(entries=(entry,), idempotent=idem))
         self._now = now
         rt.stats.steps_executed += 1
-        if hooks.after_step is not None:
-            hooks.after_step(info)
+        fire(hooks.after_step, info)
         return result
 
     async def _call(

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
+from typing import TypeVar
+
+log = logging.getLogger("perdure.hooks")
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -28,6 +33,9 @@ class StepInfo:
 class Hooks:
     """Callbacks fired at the runtime's durable points. Keep them cheap.
 
+    A hook that raises is logged and ignored: observing the runtime must not
+    change what it does.
+
     ``before_step``: a step is about to run live (not replayed).
     ``after_step``: a step's outcome has committed.
     ``after_output``: an invocation's output has committed.
@@ -38,3 +46,13 @@ class Hooks:
     after_step: Callable[[StepInfo], None] | None = None
     after_output: Callable[[str], None] | None = None
     before_batch_commit: Callable[[int], None] | None = None
+
+
+def fire(hook: Callable[[T], None] | None, arg: T) -> None:
+    """Call ``hook(arg)`` if set; log and swallow what it raises."""
+    if hook is None:
+        return
+    try:
+        hook(arg)
+    except Exception:
+        log.exception("hook %r raised; ignored", hook)

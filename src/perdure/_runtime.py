@@ -24,7 +24,7 @@ from ._errors import (
     Suspended,
     UnknownWorkflowError,
 )
-from ._hooks import Hooks
+from ._hooks import Hooks, fire
 from ._journal import Replay
 from ._pool import StepPool
 from ._retry import RetryPolicy
@@ -105,7 +105,12 @@ class Runtime:
             )
         self.hooks = hooks or Hooks()
         if isinstance(store, str):
-            store = open_store(store, exclusive=True, before_commit=self.hooks.before_batch_commit)
+            batch_hook = self.hooks.before_batch_commit
+            store = open_store(
+                store,
+                exclusive=True,
+                before_commit=None if batch_hook is None else functools.partial(fire, batch_hook),
+            )
         elif not isinstance(store, Store):
             raise ConfigurationError(
                 f"store must be a URL string or a perdure.storage.Store, not {type(store).__name__}"
@@ -396,8 +401,7 @@ class Runtime:
             await self.store.commit(Write(entries=(entry,), status=change))
         except (StorageError, PerdureError) as exc:
             return self._suspended(rec, exc)
-        if self.hooks.after_output is not None:
-            self.hooks.after_output(rec.id)
+        fire(self.hooks.after_output, rec.id)
         if success is not None:
             self.stats.invocations_completed += 1
             return Outcome(Status.COMPLETED, value=value)
