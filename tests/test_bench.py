@@ -1,0 +1,110 @@
+"""``perdure bench`` on tiny sizes: the report's shape, never its timings."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from perdure._bench import bench
+
+TINY = ["--quick", "--scale", "0.02", "--runs", "1"]
+
+FLAT_METRICS = [
+    "workflow_latency_p50_ms",
+    "workflow_latency_p99_ms",
+    "steps_per_second",
+    "steps_per_second_sync",
+    "step_latency_p50_ms",
+    "step_latency_p50_ms_sync",
+    "plain_workflow_us",
+    "durable_over_plain",
+]
+
+
+def _positive(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def _check_figures(doc: dict[str, Any]) -> None:
+    for key in FLAT_METRICS:
+        assert _positive(doc[key]), f"{key} = {doc[key]!r}"
+    wps = doc["workflows_per_second"]
+    assert set(wps) == {"1", "16", "64", "256"}
+    for concurrency, value in wps.items():
+        assert _positive(value), f"workflows_per_second[{concurrency}] = {value!r}"
+    assert set(doc["targets"]) == {
+        "steps_per_second",
+        "workflows_per_second.256",
+        "step_latency_p50_ms",
+        "workflow_latency_p50_ms",
+    }
+    assert all(isinstance(t["met"], bool) for t in doc["targets"].values())
+
+
+@pytest.mark.slow
+def test_json_on_default_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(bench, [*TINY, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)  # exactly one JSON object on stdout
+    _check_figures(doc)
+    config = doc["config"]
+    assert config["synchronous"] == "full"
+    assert config["runs"] == 1
+    assert config["quick"] is True
+    assert config["cpu_count"] >= 1
+    assert config["python"].count(".") == 2
+    assert config["store_url"].startswith("sqlite:///")
+    # Always written to metrics/benchmark_results.json under the working directory.
+    written = json.loads((tmp_path / "metrics" / "benchmark_results.json").read_text())
+    assert written == doc
+
+
+@pytest.mark.slow
+def test_sqlite_url_sets_mode_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    out = tmp_path / "out" / "results.json"
+    url = f"sqlite:///{data}/x.db?synchronous=normal"
+    result = CliRunner().invoke(bench, [*TINY, "--json", "--store", url, "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    _check_figures(doc)
+    assert doc["config"]["synchronous"] == "normal"
+    assert doc["config"]["store"] == url
+    assert doc["config"]["store_dir"].startswith(str(data))
+    assert json.loads(out.read_text()) == doc
+    assert list(data.iterdir()) == []  # every fresh store file was removed
+
+
+@pytest.mark.slow
+def test_table_on_memory_store(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(bench, [*TINY, "--store", "memory://", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    for row in ("workflow_latency_p50_ms", "workflows_per_second.256", "durable_over_plain"):
+        assert row in result.stdout
+    doc = json.loads(out.read_text())
+    _check_figures(doc)
+    assert doc["config"]["synchronous"] is None
+
+
+@pytest.mark.parametrize(
+    "url", ["postgres://x/y", "sqlite:///x.db?journal=wal", "sqlite:////no/such/dir/x.db"]
+)
+def test_bad_store_url_is_a_usage_error(tmp_path: Path, url: str) -> None:
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(bench, ["--store", url, "--output", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "--store" in result.output
+    assert not out.exists()
