@@ -7,12 +7,13 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
+import msgspec
+
 log = logging.getLogger("perdure.hooks")
 T = TypeVar("T")
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class StepInfo:
+class StepInfo(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """The step that is running: pass ``key`` to external APIs.
 
     ``key`` is identical across retries, replays and process restarts, so an

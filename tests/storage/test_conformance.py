@@ -7,11 +7,11 @@ The ``store_url`` fixture (tests/conftest.py) runs each test over
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 
 from perdure import ConflictError, StorageError
@@ -184,7 +184,7 @@ async def test_invocations_without_key_are_independent(store: Store) -> None:
 
 async def test_duplicate_invocation_id_is_a_conflict(store: Store) -> None:
     first = await created(store)
-    clash = dataclasses.replace(first, input_hash="other", created_at=5.0)
+    clash = msgspec.structs.replace(first, input_hash="other", created_at=5.0)
     with pytest.raises(ConflictError):
         await store.create_invocation(clash, input_entry(clash))
     assert await store.get_invocation(first.id) == first

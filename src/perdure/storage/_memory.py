@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
+
+import msgspec
 
 from .._errors import ConflictError, StorageError
 from ._base import BeforeCommit, Store
@@ -92,7 +93,7 @@ class MemoryStore(Store):
             if not any(x.index == a.index and x.attempt == a.attempt for x in attempts):
                 attempts.append(a)
         if change is not None:
-            self._invocations[change.invocation_id] = dataclasses.replace(
+            self._invocations[change.invocation_id] = msgspec.structs.replace(
                 self._invocations[change.invocation_id],
                 status=change.status,
                 updated_at=change.updated_at,

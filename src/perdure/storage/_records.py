@@ -1,9 +1,16 @@
-"""The records that cross the storage contract."""
+"""The records that cross the storage contract.
+
+They are msgspec Structs: several are built per step, and a Struct builds
+about five times faster than a frozen dataclass. ``gc=False``: they hold
+only immutable values, so the cycle collector need not track them, and at
+thousands of steps a second that tracking costs real throughput.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import enum
+
+import msgspec
 
 
 class Status(enum.StrEnum):
@@ -33,8 +40,7 @@ class EntryKind(enum.StrEnum):
     OUTPUT = "output"
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class InvocationRecord:
+class InvocationRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One call of a handler."""
 
     id: str
@@ -47,8 +53,7 @@ class InvocationRecord:
     last_error: str | None = None
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class JournalEntry:
+class JournalEntry(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One numbered entry of an invocation's journal.
 
     ``ok`` tells whether ``payload`` is a value (True) or an encoded error.
@@ -66,8 +71,7 @@ class JournalEntry:
     created_at: float
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class Attempt:
+class Attempt(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A failed execution of a step that is going to be retried."""
 
     invocation_id: str
@@ -77,8 +81,7 @@ class Attempt:
     created_at: float
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class IdempotentResult:
+class IdempotentResult(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A side effect's result stored under (scope, key) across invocations."""
 
     scope: str
@@ -90,16 +93,14 @@ class IdempotentResult:
     created_at: float
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class StatusChange:
+class StatusChange(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     invocation_id: str
     status: Status
     updated_at: float
     last_error: str | None = None
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class Write:
+class Write(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Everything one commit records, atomically: all of it or none of it."""
 
     entries: tuple[JournalEntry, ...] = ()
