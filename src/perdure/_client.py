@@ -42,10 +42,7 @@ def prepare_invocation(
         raise TypeError(f"idempotency_key must be a non-empty string, not {idempotency_key!r}")
     if invocation_id is not None and (not isinstance(invocation_id, str) or not invocation_id):
         raise TypeError(f"invocation_id must be a non-empty string, not {invocation_id!r}")
-    try:
-        wf.signature.bind(None, *args, **kwargs)
-    except TypeError as exc:
-        raise TypeError(f"workflow {wf.name!r}{wf.signature}: {exc}") from None
+    wf.check_arguments(args, kwargs)
     what = f"input of workflow {wf.name!r}"
     payload = rt.codec.encode_input(args, kwargs, what)
     try:

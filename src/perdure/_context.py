@@ -24,7 +24,7 @@ from ._errors import (
 from ._hooks import StepInfo, fire
 from ._journal import Replay
 from ._retry import RetryPolicy
-from ._serde import return_hint
+from ._serde import is_coroutine_function, return_hint
 from .storage._records import (
     Attempt,
     EntryKind,
@@ -209,7 +209,7 @@ class Context:
         rt = self._rt
         policy = retry if retry is not None else rt.default_retry
         hooks = rt.hooks
-        is_async = inspect.iscoroutinefunction(fn)
+        is_async = is_coroutine_function(fn)
         attempt = failed + 1
         while True:
             info = StepInfo(

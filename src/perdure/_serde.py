@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib
+import inspect
 import math
 import sys
 import traceback
@@ -70,6 +71,17 @@ def resolve_name(tag: str) -> Any:
     for part in qualname.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def is_coroutine_function(fn: Callable[..., Any]) -> bool:
+    """``inspect.iscoroutinefunction``, cached: it is asked once per step."""
+    try:
+        return _cached_is_coroutine_function(fn)
+    except TypeError:  # unhashable callable
+        return inspect.iscoroutinefunction(fn)
+
+
+_cached_is_coroutine_function = functools.lru_cache(maxsize=4096)(inspect.iscoroutinefunction)
 
 
 def return_hint(fn: Callable[..., Any]) -> Any:

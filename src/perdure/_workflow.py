@@ -24,7 +24,7 @@ class Workflow(Generic[P, R]):
     function itself (for unit tests with a hand-made context).
     """
 
-    __slots__ = ("fn", "hints", "name", "params", "return_hint", "signature")
+    __slots__ = ("fn", "hints", "name", "params", "positional_arity", "return_hint", "signature")
 
     def __init__(self, fn: Callable[Concatenate[Context, P], Awaitable[R]], name: str) -> None:
         if not inspect.iscoroutinefunction(fn):
@@ -46,6 +46,13 @@ class Workflow(Generic[P, R]):
         self.name = name
         self.signature = signature
         self.params = [p.name for p in params[1:]]
+        # When every parameter is a plain required positional one, a call with
+        # exactly that many positional arguments needs no signature binding.
+        simple = all(
+            p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is p.empty
+            for p in params[1:]
+        )
+        self.positional_arity = len(params) - 1 if simple else -1
         try:
             hints = typing.get_type_hints(fn)
         except Exception:
@@ -53,6 +60,14 @@ class Workflow(Generic[P, R]):
         hints.pop("return", None)
         self.hints: dict[str, Any] = hints
         self.return_hint = return_hint(fn)
+
+    def check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Raise TypeError, as a call would, if the arguments do not fit."""
+        if kwargs or len(args) != self.positional_arity:
+            try:
+                self.signature.bind(None, *args, **kwargs)
+            except TypeError as exc:
+                raise TypeError(f"workflow {self.name!r}{self.signature}: {exc}") from None
 
     def __call__(self, ctx: Context, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
         return self.fn(ctx, *args, **kwargs)
