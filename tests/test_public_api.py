@@ -9,10 +9,13 @@ import perdure.storage
 import perdure.testing
 
 PERDURE_ALL = [
+    "Actor",
+    "ActorRef",
     "Client",
     "ConfigurationError",
     "ConflictError",
     "Context",
+    "DurabilityFacet",
     "IdempotencyConflictError",
     "InvocationFailedError",
     "InvocationHandle",
@@ -45,6 +48,7 @@ PERDURE_ALL = [
 STORAGE_ALL = [
     "Attempt",
     "BeforeCommit",
+    "Checkpoint",
     "EntryKind",
     "IdempotentResult",
     "InvocationRecord",

@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+from ._actor import Actor as Actor
+from ._actor import DurabilityFacet as DurabilityFacet
+from ._client import ActorRef as ActorRef
 from ._client import Client as Client
 from ._client import InvocationHandle as InvocationHandle
 from ._context import Context as Context
@@ -45,10 +48,13 @@ from .storage import Status as Status
 __version__ = "0.1.0"
 
 __all__ = [
+    "Actor",
+    "ActorRef",
     "Client",
     "ConfigurationError",
     "ConflictError",
     "Context",
+    "DurabilityFacet",
     "IdempotencyConflictError",
     "InvocationFailedError",
     "InvocationHandle",

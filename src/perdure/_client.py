@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 import msgspec
 
 from ._errors import (
+    ConfigurationError,
     InvocationFailedError,
     InvocationStoppedError,
     JournalDecodeError,
@@ -34,6 +35,8 @@ def prepare_invocation(
     kwargs: dict[str, Any],
     idempotency_key: str | None,
     invocation_id: str | None,
+    *,
+    actor: tuple[str, str, int] | None = None,
 ) -> tuple[InvocationRecord, JournalEntry, tuple[list[Any], dict[str, Any]]]:
     """Check and encode a new invocation; nothing is written yet."""
     if idempotency_key is not None and (
@@ -43,7 +46,7 @@ def prepare_invocation(
     if invocation_id is not None and (not isinstance(invocation_id, str) or not invocation_id):
         raise TypeError(f"invocation_id must be a non-empty string, not {invocation_id!r}")
     wf.check_arguments(args, kwargs)
-    what = f"input of workflow {wf.name!r}"
+    what = f"input of {wf.kind} {wf.name!r}"
     payload = rt.codec.encode_input(args, kwargs, what)
     try:
         decoded = rt.codec.decode_input(payload, wf.hints, wf.params)
@@ -60,6 +63,9 @@ def prepare_invocation(
         status=Status.RUNNING,
         created_at=now,
         updated_at=now,
+        actor_type=None if actor is None else actor[0],
+        actor_key=None if actor is None else actor[1],
+        actor_seq=None if actor is None else actor[2],
     )
     entry = JournalEntry(
         invocation_id=rec.id,
@@ -155,8 +161,118 @@ class InvocationHandle(Generic[R]):
         return result
 
 
+class ActorRef:
+    """The address of one actor instance: its type and key.
+
+    >>> account = rt.client.actor(Account, "alice")
+    >>> balance = await account.ask(Account.deposit, 500)
+    """
+
+    __slots__ = ("_definition", "_rt", "key")
+
+    def __init__(self, runtime: Runtime, definition: Any, key: str) -> None:
+        self._rt = runtime
+        self._definition = definition
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"<ActorRef {self._definition.name}/{self.key}>"
+
+    async def ask(
+        self,
+        handler: str | Callable[..., Any],
+        /,
+        *args: Any,
+        idempotency_key: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Send a message and wait for the handler's reply."""
+        sent = await self._rt.send_actor(
+            self._definition,
+            self.key,
+            handler,
+            args,
+            kwargs,
+            idempotency_key=idempotency_key,
+            reply=True,
+        )
+        if isinstance(sent, InvocationRecord):
+            return await InvocationHandle[Any](self._rt, sent.id, sent.target).result()
+        assert sent is not None
+        return await sent
+
+    async def tell(
+        self,
+        handler: str | Callable[..., Any],
+        /,
+        *args: Any,
+        idempotency_key: str | None = None,
+        **kwargs: Any,
+    ) -> InvocationHandle[Any] | None:
+        """Send a message without waiting for it to be handled.
+
+        For a durable actor, returns once the message is recorded, with a
+        handle to its invocation; for a plain actor, returns None at once.
+        """
+        sent = await self._rt.send_actor(
+            self._definition,
+            self.key,
+            handler,
+            args,
+            kwargs,
+            idempotency_key=idempotency_key,
+            reply=False,
+        )
+        if isinstance(sent, InvocationRecord):
+            return InvocationHandle(self._rt, sent.id, sent.target)
+        return None
+
+    # -- time travel (durable actors) ------------------------------------------
+
+    def _durable(self) -> Any:
+        if not self._definition.durable:
+            raise ConfigurationError(
+                f"actor {self._definition.name} keeps no history: give it a DurabilityFacet"
+            )
+        return self._definition
+
+    async def history(self) -> list[InvocationRecord]:
+        """Every message this actor received, in the order it handled them."""
+        return await self._rt.store.list_actor_messages(self._durable().name, self.key)
+
+    async def state_at(self, seq: int | None = None) -> Any:
+        """The state after message ``seq`` of the history (the latest if None).
+
+        Rebuilt from the nearest checkpoint plus a replay of the messages
+        after it: handlers run again, every step comes from the journal, no
+        external call is made and nothing is written.
+        """
+        from ._actor import rebuild
+
+        if seq is not None and (not isinstance(seq, int) or seq < 0):
+            raise ValueError(f"seq must be a message's position (>= 0), not {seq!r}")
+        rebuilt = await rebuild(self._rt, self._durable(), self.key, upto_seq=seq)
+        return rebuilt.instance.state
+
+    async def diff(self, before: int, after: int | None = None) -> dict[str, tuple[Any, Any]]:
+        """What changed in the state between message ``before`` and ``after``."""
+        from ._actor import state_diff
+
+        return state_diff(await self.state_at(before), await self.state_at(after))
+
+
 class Client:
     """Starts workflows and finds invocations. Get one from ``runtime.client``."""
+
+    async def journal(self, invocation_id: str) -> list[JournalEntry]:
+        """An invocation's journal, entry by entry (time travel)."""
+        if await self._rt.store.get_invocation(invocation_id) is None:
+            raise NotFoundError(f"invocation {invocation_id} does not exist")
+        return await self._rt.store.read_journal(invocation_id)
+
+    def actor(self, actor_type: Any, key: str) -> ActorRef:
+        """The address of the actor of ``actor_type`` (class or name) with ``key``."""
+        return ActorRef(self._rt, self._rt.actor(actor_type), key)
 
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime

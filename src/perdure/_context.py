@@ -7,11 +7,12 @@ import functools
 import inspect
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, overload
 
 from ._errors import (
+    ConfigurationError,
     ConflictError,
     JournalDecodeError,
     NonDeterminismError,
@@ -23,12 +24,13 @@ from ._errors import (
 )
 from ._hooks import StepInfo, fire
 from ._journal import Replay
-from ._retry import RetryPolicy
+from ._retry import NO_RETRY, RetryPolicy
 from ._serde import is_coroutine_function, return_hint
 from .storage._records import (
     Attempt,
     EntryKind,
     IdempotentResult,
+    InvocationRecord,
     JournalEntry,
     Write,
 )
@@ -37,6 +39,9 @@ if TYPE_CHECKING:
     from ._runtime import Runtime
 
 T = TypeVar("T")
+
+# A call's outcome is the callee's: retrying would attach to the same callee.
+_ONCE = NO_RETRY
 
 _current_step: contextvars.ContextVar[StepInfo] = contextvars.ContextVar("perdure_step")
 _current_context: contextvars.ContextVar[Context] = contextvars.ContextVar("perdure_context")
@@ -73,7 +78,16 @@ class Context:
     before the call returns.
     """
 
-    __slots__ = ("_now", "_random", "_replay", "_rt", "invocation_id", "workflow_name")
+    __slots__ = (
+        "_now",
+        "_random",
+        "_replay",
+        "_replay_only",
+        "_rt",
+        "invocation_id",
+        "key",
+        "workflow_name",
+    )
 
     def __init__(
         self,
@@ -82,8 +96,14 @@ class Context:
         workflow_name: str,
         replay: Replay,
         started_at: float,
+        *,
+        key: str | None = None,
+        replay_only: bool = False,
     ) -> None:
         self._rt = runtime
+        self.key = key
+        """The actor's key, in an actor handler."""
+        self._replay_only = replay_only
         self.invocation_id = invocation_id
         self.workflow_name = workflow_name
         self._replay = replay
@@ -115,8 +135,51 @@ class Context:
         """The running step's stable key; see :func:`current_step`."""
         return current_step().key
 
+    # -- calls to actors and workflows -------------------------------------------
+
+    def actor(self, actor_type: Any, key: str) -> CallableActor:
+        """Address an actor from this handler; see :class:`CallableActor`."""
+        return CallableActor(self, self._rt.actor(actor_type), key)
+
+    async def call(self, workflow: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """Run a child workflow and return its result, as one journaled step.
+
+        The child's idempotency key is this step's key: a replayed or retried
+        caller attaches to the same child instead of starting another.
+        """
+        wf = self._rt.workflow(workflow)
+
+        async def call_child() -> Any:
+            rec, _ = await self._rt.submit(wf, args, kwargs, idempotency_key=current_step().key)
+            return await self._rt.client_handle(rec).result()
+
+        call_child.__annotations__ = {"return": wf.return_hint}
+        return await self.run(f"call {wf.name}", call_child, retry=_ONCE)
+
+    async def start(self, workflow: Any, /, *args: Any, **kwargs: Any) -> str:
+        """Start a child workflow without waiting; return its invocation id."""
+        wf = self._rt.workflow(workflow)
+
+        async def start_child() -> str:
+            rec, _ = await self._rt.submit(wf, args, kwargs, idempotency_key=current_step().key)
+            return rec.id
+
+        return await self.run(f"start {wf.name}", start_child, retry=_ONCE)
+
     # -- steps -------------------------------------------------------------------
 
+    @overload
+    async def run(
+        self,
+        name: str,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        idempotency_key: str | None = None,
+        **kwargs: Any,
+    ) -> T: ...
+
+    @overload
     async def run(
         self,
         name: str,
@@ -125,7 +188,17 @@ class Context:
         retry: RetryPolicy | None = None,
         idempotency_key: str | None = None,
         **kwargs: Any,
-    ) -> T:
+    ) -> T: ...
+
+    async def run(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        idempotency_key: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Run ``fn(*args, **kwargs)`` as a journaled step and return its result.
 
         Sync functions run in the runtime's thread pool, async ones are
@@ -143,11 +216,17 @@ class Context:
             index, entry, failed = self._replay.take(EntryKind.STEP, name)
         except NonDeterminismError as exc:
             raise Suspended(exc) from None
+        if entry is None and self._replay_only:
+            # Rebuilding state from a completed message: nothing may run live.
+            raise Suspended(
+                NonDeterminismError(
+                    self.invocation_id, index, "no entry (the message completed)", f"step {name!r}"
+                )
+            )
         if entry is not None:
             self._now = entry.created_at
             self._rt.stats.steps_replayed += 1
-            replayed: T = self._outcome(entry, fn)
-            return replayed
+            return self._outcome(entry, fn)
         if idempotency_key is not None:
             if not isinstance(idempotency_key, str) or not idempotency_key:
                 raise TypeError(
@@ -337,3 +416,105 @@ class Context:
             return codec.decode(entry.payload, entry.type_tag, return_hint(fn))
         except (ValueError, TypeError, AttributeError, ImportError, PerdureError) as exc:
             raise Suspended(JournalDecodeError(self.invocation_id, entry.index, str(exc))) from None
+
+
+class CallableActor:
+    """An actor as seen from inside a handler: messages sent through it are
+    journaled steps, so a replayed caller does not send twice and the actor
+    deduplicates a re-sent message by the caller's step key."""
+
+    __slots__ = ("_ctx", "_definition", "key")
+
+    def __init__(self, ctx: Context, definition: Any, key: str) -> None:
+        self._ctx = ctx
+        self._definition = definition
+        self.key = key
+
+    def _check_not_self(self) -> None:
+        if self._ctx.key == self.key and self._ctx.workflow_name.partition(".")[0] == (
+            self._definition.name
+        ):
+            raise ConfigurationError(
+                f"actor {self._definition.name}/{self.key} cannot ask itself: its mailbox is "
+                "busy with the message asking"
+            )
+
+    async def ask(self, handler: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """Send a message and wait for the reply, as one journaled step."""
+        self._check_not_self()
+        definition, key, rt = self._definition, self.key, self._ctx._rt
+        target = definition.handler(handler)
+
+        async def ask_actor() -> Any:
+            sent = await rt.send_actor(
+                definition,
+                key,
+                handler,
+                args,
+                kwargs,
+                idempotency_key=current_step().key,
+                reply=True,
+            )
+            if isinstance(sent, InvocationRecord):
+                return await rt.client_handle(sent).result()
+            assert sent is not None
+            return await sent
+
+        ask_actor.__annotations__ = {"return": target.return_hint}
+        return await self._ctx.run(f"ask {target.name} {key}", ask_actor, retry=_ONCE)
+
+    async def tell(self, handler: Any, /, *args: Any, **kwargs: Any) -> str | None:
+        """Send a message without waiting, as one journaled step.
+
+        Returns the message's invocation id (None for a plain actor).
+        """
+        definition, key, rt = self._definition, self.key, self._ctx._rt
+        target = definition.handler(handler)
+
+        async def tell_actor() -> str | None:
+            sent = await rt.send_actor(
+                definition,
+                key,
+                handler,
+                args,
+                kwargs,
+                idempotency_key=current_step().key,
+                reply=False,
+            )
+            return sent.id if isinstance(sent, InvocationRecord) else None
+
+        return await self._ctx.run(f"tell {target.name} {key}", tell_actor, retry=_ONCE)
+
+
+class PlainContext:
+    """The ``ctx`` of an actor without durability: nothing is journaled."""
+
+    __slots__ = ("_rt", "key")
+
+    def __init__(self, runtime: Runtime, key: str) -> None:
+        self._rt = runtime
+        self.key = key
+
+    @property
+    def replaying(self) -> bool:
+        return False
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self._rt.clock.now(), UTC)
+
+    def random(self) -> random.Random:
+        return random.Random()
+
+    def uuid4(self) -> uuid.UUID:
+        return uuid.uuid4()
+
+    async def run(self, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` now (sync functions in the thread pool); nothing is recorded."""
+        kwargs.pop("retry", None)
+        kwargs.pop("idempotency_key", None)
+        if is_coroutine_function(fn):
+            value: T = await fn(*args, **kwargs)  # type: ignore[misc]
+            return value
+        ctx = contextvars.copy_context()
+        result: T = await self._rt.pool.submit(functools.partial(ctx.run, fn, *args, **kwargs))
+        return result

@@ -11,11 +11,13 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from ._actor import Activation, Actor, ActorDef, _Pending
 from ._clock import Clock, SystemClock
-from ._context import Context, _current_context
+from ._context import Context, PlainContext, _current_context
 from ._errors import (
     ConfigurationError,
     IdempotencyConflictError,
+    InvocationStoppedError,
     JournalDecodeError,
     NonDeterminismError,
     PerdureError,
@@ -61,6 +63,8 @@ class RuntimeStats:
     invocations_failed: int = 0
     invocations_suspended: int = 0
     invocations_recovered: int = 0
+    actors_recovered: int = 0
+    actor_messages_replayed: int = 0
     recovery_seconds: float = 0.0
 
 
@@ -94,6 +98,8 @@ class Runtime:
         hooks: Hooks | None = None,
         max_step_threads: int = 64,
         recover: bool = True,
+        actors: Iterable[type[Actor[Any]]] = (),
+        actor_idle_seconds: float = 60.0,
     ) -> None:
         from ._client import Client
 
@@ -127,6 +133,11 @@ class Runtime:
         self._workflows: dict[str, Workflow[Any, Any]] = {}
         for wf in workflows:
             self.register(wf)
+        self._actors: dict[str, ActorDef] = {}
+        for cls in actors:
+            self.register_actor(cls)
+        self.actor_idle_seconds = actor_idle_seconds
+        self._activations: dict[tuple[str, str], Activation] = {}
         self._tasks: dict[str, asyncio.Task[Outcome]] = {}
         # Invocations that stopped unfinished in this process, and why.
         self._stopped: dict[str, BaseException] = {}
@@ -150,6 +161,32 @@ class Runtime:
             )
         self._workflows[definition.name] = definition
         return definition
+
+    def register_actor(self, cls: type[Actor[Any]]) -> ActorDef:
+        """Register an actor type (before or after start)."""
+        definition = ActorDef(cls)
+        existing = self._actors.get(definition.name)
+        if existing is not None and existing.cls is not cls:
+            raise ConfigurationError(
+                f"two different actor types are registered as {definition.name!r}; "
+                "set actor_name on one of them"
+            )
+        self._actors[definition.name] = definition
+        return definition
+
+    def actor(self, target: str | type[Actor[Any]]) -> ActorDef:
+        """The registered actor type for a name or class."""
+        name = target if isinstance(target, str) else getattr(target, "actor_name", None)
+        if name is None and isinstance(target, type):
+            name = target.__qualname__
+        found = self._actors.get(name) if isinstance(name, str) else None
+        if found is None:
+            known = ", ".join(sorted(self._actors)) or "none"
+            raise UnknownWorkflowError(
+                f"no actor type named {name or target!r} is registered with this runtime "
+                f"(registered: {known}); pass it in Runtime(actors=[...])"
+            )
+        return found
 
     def workflow(self, target: str | Workflow[Any, Any] | Callable[..., Any]) -> Workflow[Any, Any]:
         """The registered workflow for a name or definition."""
@@ -190,7 +227,8 @@ class Runtime:
         if not self._started:
             return
         self._started = False
-        tasks = list(self._tasks.values())
+        tasks = [a.task for a in self._activations.values()] + list(self._tasks.values())
+        self._activations.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -225,8 +263,21 @@ class Runtime:
         began = time.perf_counter()
         records = await self.store.list_invocations(statuses=UNFINISHED)
         runnable: list[tuple[InvocationRecord, Workflow[Any, Any]]] = []
+        actors: set[tuple[str, str]] = set()
         for rec in records:
             if rec.id in self._tasks:
+                continue
+            if rec.actor_type is not None and rec.actor_key is not None:
+                if rec.actor_type in self._actors:
+                    actors.add((rec.actor_type, rec.actor_key))
+                else:
+                    self._suspended(
+                        rec,
+                        UnknownWorkflowError(
+                            f"invocation {rec.id} cannot resume: actor type {rec.actor_type!r} "
+                            "is not registered with this runtime; register it and restart"
+                        ),
+                    )
                 continue
             wf = self._workflows.get(rec.target)
             if wf is None:
@@ -248,6 +299,9 @@ class Runtime:
                 continue
             self._launch(rec, wf, found[0], found[1], None)
             resumed += 1
+        for actor_type, key in sorted(actors):
+            activation = self.activation(self._actors[actor_type], key)
+            await asyncio.shield(activation.ready)
         self.stats.invocations_recovered += resumed
         self.stats.recovery_seconds = time.perf_counter() - began
         if resumed:
@@ -294,13 +348,133 @@ class Runtime:
         journal: list[JournalEntry],
         attempts: list[Attempt],
         decoded: tuple[list[Any], dict[str, Any]] | None,
-    ) -> None:
+        activation: Activation | None = None,
+    ) -> asyncio.Task[Outcome]:
         task = asyncio.create_task(
-            self._execute(rec, wf, journal, attempts, decoded), name=f"perdure:{rec.id}"
+            self._execute(rec, wf, journal, attempts, decoded, activation),
+            name=f"perdure:{rec.id}",
         )
         self._tasks[rec.id] = task
         self._stopped.pop(rec.id, None)
         task.add_done_callback(functools.partial(self._forget, rec.id))
+        return task
+
+    # -- actors --------------------------------------------------------------------
+
+    def activation(self, definition: ActorDef, key: str) -> Activation:
+        """The live instance of an actor, activated on first use."""
+        self._check_started()
+        found = self._activations.get((definition.name, key))
+        if found is None:
+            found = Activation(self, definition, key)
+            self._activations[(definition.name, key)] = found
+        return found
+
+    def _forget_activation(self, activation: Activation) -> None:
+        ident = (activation.definition.name, activation.key)
+        if self._activations.get(ident) is activation:
+            del self._activations[ident]
+
+    def _plain_context(self, activation: Activation) -> PlainContext:
+        return PlainContext(self, activation.key)
+
+    async def send_actor(
+        self,
+        definition: ActorDef,
+        key: str,
+        handler_name: str | Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        reply: bool,
+    ) -> InvocationRecord | asyncio.Future[Any] | None:
+        """Deliver a message. Durable: returns its invocation record once it is
+        recorded. Plain: returns a future of the reply (None if ``reply`` is
+        false)."""
+        from ._client import prepare_invocation
+
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"an actor key must be a non-empty string, not {key!r}")
+        handler = definition.handler(handler_name)
+        if not definition.durable:
+            handler.check_arguments(args, kwargs)
+            future = asyncio.get_running_loop().create_future() if reply else None
+            self.activation(definition, key).post((handler, args, kwargs, future))
+            return future
+        activation = self.activation(definition, key)
+        activation.sending += 1
+        try:
+            await asyncio.shield(activation.ready)
+            if activation.stopped is not None:
+                raise InvocationStoppedError(f"{definition.name}/{key}", activation.stopped)
+            seq = activation.next_seq
+            activation.next_seq += 1
+            rec, entry, decoded = prepare_invocation(
+                self,
+                handler,
+                args,
+                kwargs,
+                idempotency_key,
+                None,
+                actor=(definition.name, key, seq),
+            )
+            stored, created = await self.store.create_invocation(rec, entry)
+            if not created and stored.input_hash != rec.input_hash:
+                raise IdempotencyConflictError(
+                    f"idempotency key {idempotency_key!r} of {handler.name!r} was already used "
+                    f"by invocation {stored.id} with a different input; use a new key"
+                )
+            if created:
+                self.stats.invocations_started += 1
+                activation.post(_Pending(stored, handler, [entry], [], decoded))
+            return stored
+        finally:
+            activation.sending -= 1
+
+    async def _run_actor_message(self, activation: Activation, item: _Pending) -> Outcome:
+        task = self._launch(
+            item.record, item.handler, item.journal, item.attempts, item.decoded, activation
+        )
+        return await task
+
+    async def _replay_actor_message(
+        self,
+        instance: Actor[Any],
+        handler: Workflow[Any, Any],
+        rec: InvocationRecord,
+        journal: list[JournalEntry],
+        attempts: list[Attempt],
+    ) -> None:
+        """Re-run a completed message against ``instance``, every step from its
+        journal: the state changes it made, and no external call."""
+        replay = Replay(rec.id, journal, attempts)
+        args, kwargs = self._decode_input(rec.id, handler, journal[0])
+        ctx = Context(
+            self,
+            rec.id,
+            handler.name,
+            replay,
+            journal[0].created_at,
+            key=rec.actor_key,
+            replay_only=True,
+        )
+        try:
+            await handler.method(instance, ctx, *args, **kwargs)
+        except Suspended as s:
+            raise s.reason from None
+        except Exception as exc:
+            raise NonDeterminismError(
+                rec.id, len(journal) - 1, "the message completed", f"it to raise {exc!r}"
+            ) from exc
+        replay.finish()
+        self.stats.actor_messages_replayed += 1
+
+    def client_handle(self, rec: InvocationRecord) -> Any:
+        """A handle to ``rec``'s invocation."""
+        from ._client import InvocationHandle
+
+        return InvocationHandle[Any](self, rec.id, rec.target)
 
     def _forget(self, invocation_id: str, _task: object) -> None:
         self._tasks.pop(invocation_id, None)
@@ -315,17 +489,21 @@ class Runtime:
         journal: list[JournalEntry],
         attempts: list[Attempt],
         decoded: tuple[list[Any], dict[str, Any]] | None,
+        activation: Activation | None = None,
     ) -> Outcome:
         replay = Replay(rec.id, journal, attempts)
+        call = (
+            wf.method if activation is None else functools.partial(wf.method, activation.instance)
+        )
         try:
             input_entry = journal[0]
             if decoded is None:
                 decoded = self._decode_input(rec.id, wf, input_entry)
             args, kwargs = decoded
-            ctx = Context(self, rec.id, wf.name, replay, input_entry.created_at)
+            ctx = Context(self, rec.id, wf.name, replay, input_entry.created_at, key=rec.actor_key)
             _current_context.set(ctx)
             try:
-                value = await wf.fn(ctx, *args, **kwargs)
+                value = await call(ctx, *args, **kwargs)
             except Exception as exc:
                 return await self._finish(rec, wf, replay, Status.FAILED, None, exc)
             # Check the result reads back before recording it as completed.
@@ -336,7 +514,7 @@ class Runtime:
             except SerializationError as exc:
                 return await self._finish(rec, wf, replay, Status.FAILED, None, exc)
             return await self._finish(
-                rec, wf, replay, Status.COMPLETED, (value, payload, tag), None
+                rec, wf, replay, Status.COMPLETED, (value, payload, tag), None, activation
             )
         except Suspended as s:
             return self._suspended(rec, s.reason)
@@ -377,6 +555,7 @@ class Runtime:
         status: Status,
         success: tuple[Any, bytes, str | None] | None,
         error: Exception | None,
+        activation: Activation | None = None,
     ) -> Outcome:
         index = replay.finish()
         now = self.clock.now()
@@ -398,7 +577,13 @@ class Runtime:
         )
         change = StatusChange(invocation_id=rec.id, status=status, updated_at=now)
         try:
-            await self.store.commit(Write(entries=(entry,), status=change))
+            checkpoint = None
+            if activation is not None and success is not None and rec.actor_seq is not None:
+                try:
+                    checkpoint = activation.checkpoint_for(rec.actor_seq)
+                except SerializationError as exc:
+                    log.error("actor state not checkpointed (recovery will replay): %s", exc)
+            await self.store.commit(Write(entries=(entry,), status=change, checkpoint=checkpoint))
         except (StorageError, PerdureError) as exc:
             return self._suspended(rec, exc)
         fire(self.hooks.after_output, rec.id)

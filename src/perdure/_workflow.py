@@ -24,35 +24,53 @@ class Workflow(Generic[P, R]):
     function itself (for unit tests with a hand-made context).
     """
 
-    __slots__ = ("fn", "hints", "name", "params", "positional_arity", "return_hint", "signature")
+    __slots__ = (
+        "fn",
+        "hints",
+        "kind",
+        "leading",
+        "name",
+        "params",
+        "positional_arity",
+        "return_hint",
+        "signature",
+    )
 
-    def __init__(self, fn: Callable[Concatenate[Context, P], Awaitable[R]], name: str) -> None:
+    def __init__(
+        self,
+        fn: Callable[Concatenate[Context, P], Awaitable[R]],
+        name: str,
+        *,
+        leading: int = 1,
+        kind: str = "workflow",
+    ) -> None:
+        # ``leading`` parameters are supplied by the runtime: ``ctx`` for a
+        # workflow, ``self`` and ``ctx`` for an actor handler.
         if not inspect.iscoroutinefunction(fn):
-            raise ConfigurationError(
-                f"workflow {name!r} must be an 'async def' function taking ctx first"
-            )
+            raise ConfigurationError(f"{kind} {name!r} must be an 'async def' function taking ctx")
         if not isinstance(name, str) or not name:
-            raise ConfigurationError(f"a workflow name must be a non-empty string, not {name!r}")
+            raise ConfigurationError(f"a {kind} name must be a non-empty string, not {name!r}")
         signature = inspect.signature(fn)
         params = list(signature.parameters.values())
-        if not params or params[0].kind not in (
-            inspect.Parameter.POSITIONAL_ONLY,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        if len(params) < leading or any(
+            p.kind
+            not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            for p in params[:leading]
         ):
-            raise ConfigurationError(
-                f"workflow {name!r} must take the context as its first argument"
-            )
+            raise ConfigurationError(f"{kind} {name!r} must take the context as its first argument")
         self.fn = fn
         self.name = name
+        self.kind = kind
+        self.leading = leading
         self.signature = signature
-        self.params = [p.name for p in params[1:]]
+        self.params = [p.name for p in params[leading:]]
         # When every parameter is a plain required positional one, a call with
         # exactly that many positional arguments needs no signature binding.
         simple = all(
             p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is p.empty
-            for p in params[1:]
+            for p in params[leading:]
         )
-        self.positional_arity = len(params) - 1 if simple else -1
+        self.positional_arity = len(params) - leading if simple else -1
         try:
             hints = typing.get_type_hints(fn)
         except Exception:
@@ -61,13 +79,18 @@ class Workflow(Generic[P, R]):
         self.hints: dict[str, Any] = hints
         self.return_hint = return_hint(fn)
 
+    @property
+    def method(self) -> Callable[..., Awaitable[Any]]:
+        """The function, untyped: an actor handler takes ``self`` before ``ctx``."""
+        return self.fn
+
     def check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Raise TypeError, as a call would, if the arguments do not fit."""
         if kwargs or len(args) != self.positional_arity:
             try:
-                self.signature.bind(None, *args, **kwargs)
+                self.signature.bind(*([None] * self.leading), *args, **kwargs)
             except TypeError as exc:
-                raise TypeError(f"workflow {self.name!r}{self.signature}: {exc}") from None
+                raise TypeError(f"{self.kind} {self.name!r}{self.signature}: {exc}") from None
 
     def __call__(self, ctx: Context, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
         return self.fn(ctx, *args, **kwargs)

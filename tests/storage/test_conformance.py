@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from perdure import ConflictError, StorageError
 from perdure.storage import (
     Attempt,
+    Checkpoint,
     EntryKind,
     IdempotentResult,
     InvocationRecord,
@@ -29,6 +31,7 @@ from perdure.storage import (
     Write,
     open_store,
 )
+from perdure.storage._sqlite import _MIGRATIONS
 
 _ids = itertools.count()
 
@@ -106,6 +109,31 @@ def idem(scope: str, key: str, payload: bytes, invocation_id: str) -> Idempotent
         type_tag=None,
         invocation_id=invocation_id,
         created_at=1000.0,
+    )
+
+
+def message(
+    actor_type: str, actor_key: str, seq: int, *, key: str | None = None, created_at: float = 1000.0
+) -> InvocationRecord:
+    """An invocation that is message ``seq`` of the actor (actor_type, actor_key)."""
+    return msgspec.structs.replace(
+        invocation(target=f"{actor_type}.handle", key=key, created_at=created_at),
+        actor_type=actor_type,
+        actor_key=actor_key,
+        actor_seq=seq,
+    )
+
+
+def checkpoint(actor_type: str, actor_key: str, seq: int, state: bytes = b'{"n":0}') -> Checkpoint:
+    return Checkpoint(
+        actor_type=actor_type,
+        actor_key=actor_key,
+        seq=seq,
+        state=state,
+        type_tag="app.actors:Counter.State",
+        checksum=f"sum-of-{state!r}",
+        state_version=3,
+        created_at=1000.0 + seq,
     )
 
 
@@ -501,8 +529,365 @@ async def test_concurrent_idempotent_results_keep_exactly_one(store: Store) -> N
     assert stored.invocation_id in {r.id for r in recs}
 
 
-async def test_schema_version_is_1(store: Store) -> None:
-    assert await store.schema_version() == 1
+async def test_schema_version_is_2(store: Store) -> None:
+    assert await store.schema_version() == 2
+
+
+# -- durable actors ---------------------------------------------------------------
+
+
+async def created_message(store: Store, *args: Any, **kwargs: Any) -> InvocationRecord:
+    rec = message(*args, **kwargs)
+    stored, was_created = await store.create_invocation(rec, input_entry(rec))
+    assert was_created
+    assert stored == rec
+    return rec
+
+
+async def test_actor_fields_round_trip(store: Store) -> None:
+    plain = await created(store)
+    rec = await created_message(store, "Counter", "ünï/key \x00", 7, key="idem-1")
+    assert (rec.actor_type, rec.actor_key, rec.actor_seq) == ("Counter", "ünï/key \x00", 7)
+    got = await store.get_invocation(rec.id)
+    assert got == rec
+    assert got is not None
+    assert type(got.actor_seq) is int
+    assert await store.find_invocation(rec.target, "idem-1") == rec
+    assert await store.list_invocations() == [plain, rec]
+    assert await store.list_invocations(target=rec.target) == [rec]
+    assert plain.actor_type is plain.actor_key is plain.actor_seq is None
+    assert await store.get_invocation(plain.id) == plain
+    # A status change keeps the actor fields.
+    await store.commit(
+        Write(status=StatusChange(invocation_id=rec.id, status=Status.COMPLETED, updated_at=5.0))
+    )
+    got = await store.get_invocation(rec.id)
+    assert got == msgspec.structs.replace(rec, status=Status.COMPLETED, updated_at=5.0)
+
+
+async def test_taken_actor_seq_is_a_conflict(store: Store) -> None:
+    first = await created_message(store, "Counter", "a", 1)
+    clash = message("Counter", "a", 1, created_at=2000.0)
+    with pytest.raises(ConflictError):
+        await store.create_invocation(clash, input_entry(clash))
+    assert await store.get_invocation(clash.id) is None
+    assert await store.read_journal(clash.id) == []
+    assert await store.list_actor_messages("Counter", "a") == [first]
+    # The same seq under another key or another type is another actor's.
+    await created_message(store, "Counter", "b", 1)
+    await created_message(store, "Timer", "a", 1)
+    await created_message(store, "Counter", "a", 2)
+
+
+async def test_idempotency_key_is_checked_before_actor_seq(store: Store) -> None:
+    first = await created_message(store, "Counter", "a", 1, key="msg-1")
+    # Same key: the existing message, even though its seq is taken too.
+    again = message("Counter", "a", 1, key="msg-1")
+    assert await store.create_invocation(again, input_entry(again)) == (first, False)
+    # Same key, another seq: still the existing message, nothing new logged.
+    later = message("Counter", "a", 2, key="msg-1")
+    assert await store.create_invocation(later, input_entry(later)) == (first, False)
+    assert await store.last_actor_seq("Counter", "a") == 1
+    # A new key does not excuse a taken seq.
+    other = message("Counter", "a", 1, key="msg-2")
+    with pytest.raises(ConflictError):
+        await store.create_invocation(other, input_entry(other))
+    assert await store.find_invocation(other.target, "msg-2") is None
+
+
+async def test_concurrent_creates_of_one_actor_seq_create_exactly_one(store: Store) -> None:
+    records = [message("Counter", "a", 1, created_at=1000.0 + i) for i in range(20)]
+    others = [message("Counter", "a", seq) for seq in range(2, 12)]
+    results = await asyncio.gather(
+        *(store.create_invocation(r, input_entry(r)) for r in [*records, *others]),
+        return_exceptions=True,
+    )
+    ok = [r for r in results[: len(records)] if not isinstance(r, BaseException)]
+    assert len(ok) == 1
+    assert all(isinstance(r, ConflictError) for r in results[: len(records)] if r not in ok)
+    # The other messages of the same group commit went in.
+    assert results[len(records) :] == [(r, True) for r in others]
+    winner = ok[0]
+    assert isinstance(winner, tuple)
+    assert await store.list_actor_messages("Counter", "a") == [winner[0], *others]
+    assert len(await store.list_invocations()) == 1 + len(others)
+
+
+async def test_half_set_actor_fields_are_rejected(store: Store) -> None:
+    for fields in (
+        {"actor_type": "Counter"},
+        {"actor_type": "Counter", "actor_key": "a"},
+        {"actor_key": "a", "actor_seq": 1},
+    ):
+        rec = msgspec.structs.replace(invocation(), **fields)
+        with pytest.raises(ValueError, match="all set or all None"):
+            await store.create_invocation(rec, input_entry(rec))
+        assert await store.get_invocation(rec.id) is None
+    assert await store.list_actors() == []
+
+
+async def test_list_actor_messages_is_in_log_order_within_bounds(store: Store) -> None:
+    by_seq: dict[int, InvocationRecord] = {}
+    # Created out of log order, with creation times against it.
+    for n, seq in enumerate((3, 1, 5, 2, 4)):
+        by_seq[seq] = await created_message(store, "Counter", "a", seq, created_at=100.0 - n)
+    await created_message(store, "Counter", "b", 2)
+    await created_message(store, "Timer", "a", 2)
+    await created(store)
+
+    async def seqs(**kwargs: Any) -> list[int | None]:
+        got = await store.list_actor_messages("Counter", "a", **kwargs)
+        assert got == [by_seq[r.actor_seq or 0] for r in got]
+        return [r.actor_seq for r in got]
+
+    assert await seqs() == [1, 2, 3, 4, 5]
+    assert await seqs(after_seq=2) == [3, 4, 5]
+    assert await seqs(upto_seq=4) == [1, 2, 3, 4]
+    assert await seqs(after_seq=1, upto_seq=3) == [2, 3]
+    assert await seqs(after_seq=2, upto_seq=3) == [3]
+    assert await seqs(after_seq=3, upto_seq=3) == []
+    assert await seqs(after_seq=5) == []
+    assert await seqs(upto_seq=0) == []
+    assert await seqs(upto_seq=99) == [1, 2, 3, 4, 5]
+    assert await store.list_actor_messages("Counter", "nobody") == []
+    assert await store.list_actor_messages("Nothing", "a") == []
+    # Messages are read as they are now.
+    await store.commit(
+        Write(
+            status=StatusChange(
+                invocation_id=by_seq[2].id, status=Status.FAILED, updated_at=9.0, last_error="x"
+            )
+        )
+    )
+    got = await store.list_actor_messages("Counter", "a", after_seq=1, upto_seq=2)
+    assert [(r.id, r.status, r.last_error) for r in got] == [(by_seq[2].id, Status.FAILED, "x")]
+
+
+async def test_last_actor_seq(store: Store) -> None:
+    assert await store.last_actor_seq("Counter", "a") == 0
+    await created(store)
+    assert await store.last_actor_seq("Counter", "a") == 0
+    for seq in (2, 9, 4):
+        await created_message(store, "Counter", "a", seq)
+    await created_message(store, "Counter", "b", 50)
+    await created_message(store, "Timer", "a", 60)
+    assert await store.last_actor_seq("Counter", "a") == 9
+    assert await store.last_actor_seq("Counter", "b") == 50
+    assert await store.last_actor_seq("Timer", "a") == 60
+    assert await store.last_actor_seq("Timer", "b") == 0
+
+
+async def test_checkpoint_is_committed_with_its_write(store: Store) -> None:
+    rec = await created_message(store, "Counter", "a", 1)
+    cp = Checkpoint(
+        actor_type="Counter",
+        actor_key="a",
+        seq=1,
+        state=bytes(range(256)),
+        type_tag=None,
+        checksum="0" * 64,
+        state_version=12,
+        created_at=1234.5678,
+    )
+    await store.commit(
+        Write(
+            entries=(entry(rec.id, 1, kind=EntryKind.OUTPUT),),
+            status=StatusChange(invocation_id=rec.id, status=Status.COMPLETED, updated_at=2.0),
+            checkpoint=cp,
+        )
+    )
+    got = await store.read_checkpoints("Counter", "a")
+    assert got == [cp]
+    assert type(got[0].state) is bytes
+    assert [e.index for e in await store.read_journal(rec.id)] == [0, 1]
+    # A write may hold a checkpoint alone.
+    second = checkpoint("Counter", "a", 2)
+    await store.commit(Write(checkpoint=second))
+    assert await store.read_checkpoints("Counter", "a") == [second, cp]
+    assert await store.read_checkpoints("Counter", "b") == []
+    assert await store.read_checkpoints("Timer", "a") == []
+
+
+async def test_failed_write_leaves_no_checkpoint(store: Store) -> None:
+    rec = await created_message(store, "Counter", "a", 1)
+    await store.commit(Write(entries=(entry(rec.id, 1),), checkpoint=checkpoint("Counter", "a", 1)))
+    kept = await store.read_checkpoints("Counter", "a")
+    for cp in (checkpoint("Counter", "a", 2), checkpoint("Counter", "a", 1, b"replaced")):
+        with pytest.raises(ConflictError):
+            await store.commit(Write(entries=(entry(rec.id, 1, name="dup"),), checkpoint=cp))
+        assert await store.read_checkpoints("Counter", "a") == kept
+    assert await store.read_journal(rec.id) == [input_entry(rec), entry(rec.id, 1)]
+
+
+async def test_one_bad_write_in_a_group_commit_loses_only_its_checkpoint(
+    store: Store,
+) -> None:
+    recs = [await created_message(store, "Counter", f"k{i}", 1) for i in range(10)]
+    bad_rec = recs[3]
+    await store.commit(Write(entries=(entry(bad_rec.id, 1),)))
+    writes = [
+        Write(
+            entries=(entry(rec.id, 1, name="dup" if rec is bad_rec else "ok"),),
+            checkpoint=checkpoint("Counter", f"k{i}", 1, f"state-{i}".encode()),
+        )
+        for i, rec in enumerate(recs)
+    ]
+    results = await asyncio.gather(*(store.commit(w) for w in writes), return_exceptions=True)
+    assert [type(r) for r in results] == [
+        ConflictError if rec is bad_rec else type(None) for rec in recs
+    ]
+    for i, rec in enumerate(recs):
+        got = await store.read_checkpoints("Counter", f"k{i}")
+        if rec is bad_rec:
+            assert got == []
+        else:
+            assert got == [writes[i].checkpoint]
+
+
+async def test_read_checkpoints_newest_first_with_bounds(store: Store) -> None:
+    for seq in (3, 1, 6, 2, 5, 4):
+        await store.commit(Write(checkpoint=checkpoint("Counter", "a", seq, f"s{seq}".encode())))
+    await store.commit(Write(checkpoint=checkpoint("Counter", "b", 10)))
+    await store.commit(Write(checkpoint=checkpoint("Timer", "a", 11)))
+
+    async def seqs(**kwargs: Any) -> list[int]:
+        got = await store.read_checkpoints("Counter", "a", **kwargs)
+        assert all(c.state == f"s{c.seq}".encode() for c in got)
+        return [c.seq for c in got]
+
+    assert await seqs() == [6, 5, 4]
+    assert await seqs(limit=10) == [6, 5, 4, 3, 2, 1]
+    assert await seqs(limit=1) == [6]
+    assert await seqs(limit=0) == []
+    assert await seqs(at_or_before=4) == [4, 3, 2]
+    assert await seqs(at_or_before=4, limit=1) == [4]
+    assert await seqs(at_or_before=2, limit=5) == [2, 1]
+    assert await seqs(at_or_before=99) == [6, 5, 4]
+    assert await seqs(at_or_before=0) == []
+    assert await store.read_checkpoints("Counter", "nobody") == []
+
+
+async def test_checkpoint_replaces_the_one_with_the_same_seq(store: Store) -> None:
+    await store.commit(Write(checkpoint=checkpoint("Counter", "a", 1, b"one")))
+    await store.commit(Write(checkpoint=checkpoint("Counter", "a", 2, b"old")))
+    newer = msgspec.structs.replace(
+        checkpoint("Counter", "a", 2, b"new"), state_version=4, type_tag=None, created_at=9.0
+    )
+    await store.commit(Write(checkpoint=newer))
+    assert [c.state for c in await store.read_checkpoints("Counter", "a")] == [b"new", b"one"]
+    assert (await store.read_checkpoints("Counter", "a"))[0] == newer
+    # Within one group commit too, the later write wins.
+    await asyncio.gather(
+        *(
+            store.commit(Write(checkpoint=checkpoint("Counter", "a", 3, f"v{i}".encode())))
+            for i in range(5)
+        )
+    )
+    got = await store.read_checkpoints("Counter", "a", limit=10)
+    assert [(c.seq, c.state) for c in got] == [(3, b"v4"), (2, b"new"), (1, b"one")]
+
+
+async def test_list_actors(store: Store) -> None:
+    assert await store.list_actors() == []
+    await created(store)
+    for actor_type, key, seq in [
+        ("Timer", "z", 1),
+        ("Counter", "b", 1),
+        ("Counter", "a", 1),
+        ("Counter", "a", 2),
+        ("Timer", "a", 1),
+    ]:
+        await created_message(store, actor_type, key, seq)
+    # A checkpoint alone does not make an actor.
+    await store.commit(Write(checkpoint=checkpoint("Ghost", "g", 1)))
+    assert await store.list_actors() == [
+        ("Counter", "a"),
+        ("Counter", "b"),
+        ("Timer", "a"),
+        ("Timer", "z"),
+    ]
+    assert await store.list_actors("Counter") == [("Counter", "a"), ("Counter", "b")]
+    assert await store.list_actors(actor_type="Timer") == [("Timer", "a"), ("Timer", "z")]
+    assert await store.list_actors("Ghost") == []
+    assert await store.list_actors("Nothing") == []
+
+
+async def test_actor_data_survives_close_and_reopen(store_url: str) -> None:
+    first = make_store(store_url)
+    await first.open()
+    rec = await created_message(first, "Counter", "a", 1)
+    cp = checkpoint("Counter", "a", 1)
+    await first.commit(Write(entries=(entry(rec.id, 1),), checkpoint=cp))
+    await first.close()
+
+    again = first if isinstance(first, MemoryStore) else make_store(store_url)
+    await again.open()
+    try:
+        assert await again.get_invocation(rec.id) == rec
+        assert await again.list_actor_messages("Counter", "a") == [rec]
+        assert await again.last_actor_seq("Counter", "a") == 1
+        assert await again.read_checkpoints("Counter", "a") == [cp]
+        assert await again.list_actors() == [("Counter", "a")]
+        clash = message("Counter", "a", 1)
+        with pytest.raises(ConflictError):
+            await again.create_invocation(clash, input_entry(clash))
+    finally:
+        await again.close()
+
+
+async def test_sqlite_migrates_a_version_1_database(tmp_path: Any) -> None:
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path)
+    try:
+        conn.executescript(_MIGRATIONS[0])
+        conn.execute("PRAGMA user_version=1")
+        conn.execute(
+            "INSERT INTO invocations (id, target, input_hash, idempotency_key, status, "
+            "created_at, updated_at, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            ("old-1", "wf", "hash-old", "key-old", "suspended", 10.0, 11.0, "why"),
+        )
+        conn.execute(
+            "INSERT INTO journal (invocation_id, idx, kind, name, ok, payload, type_tag, "
+            "attempts, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ("old-1", 0, "input", "wf", 1, b'{"args":[]}', None, 1, 10.0),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+
+    old = InvocationRecord(
+        id="old-1",
+        target="wf",
+        input_hash="hash-old",
+        idempotency_key="key-old",
+        status=Status.SUSPENDED,
+        created_at=10.0,
+        updated_at=11.0,
+        last_error="why",
+    )
+    async with SQLiteStore(path) as store:
+        assert await store.schema_version() == 2
+        got = await store.get_invocation("old-1")
+        assert got == old
+        assert got is not None
+        assert got.actor_type is got.actor_key is got.actor_seq is None
+        assert await store.find_invocation("wf", "key-old") == old
+        assert await store.list_invocations() == [old]
+        assert [e.name for e in await store.read_journal("old-1")] == ["wf"]
+        assert await store.list_actors() == []
+        # The new columns, index and table work on the migrated file.
+        rec = await created_message(store, "Counter", "a", 1)
+        clash = message("Counter", "a", 1)
+        with pytest.raises(ConflictError):
+            await store.create_invocation(clash, input_entry(clash))
+        cp = checkpoint("Counter", "a", 1)
+        await store.commit(Write(entries=(entry(rec.id, 1),), checkpoint=cp))
+        assert await store.read_checkpoints("Counter", "a") == [cp]
+        assert await store.list_actor_messages("Counter", "a") == [rec]
+    # Reopening a migrated file migrates nothing again.
+    async with SQLiteStore(path) as store:
+        assert await store.schema_version() == 2
+        assert await store.get_invocation("old-1") == old
 
 
 # -- lifecycle --------------------------------------------------------------------
@@ -533,7 +918,7 @@ async def test_data_survives_close_and_reopen(store_url: str) -> None:
         assert [e.index for e in await again.read_journal(rec.id)] == [0, 1]
         assert len(await again.read_attempts(rec.id)) == 1
         assert await again.get_idempotent_result("s", "k") is not None
-        assert await again.schema_version() == 1
+        assert await again.schema_version() == 2
     finally:
         await again.close()
 
@@ -570,6 +955,10 @@ _OPERATIONS = {
     "read_attempts": lambda s: s.read_attempts("x"),
     "read_journals": lambda s: s.read_journals(["x"]),
     "get_idempotent_result": lambda s: s.get_idempotent_result("s", "k"),
+    "list_actor_messages": lambda s: s.list_actor_messages("t", "k"),
+    "last_actor_seq": lambda s: s.last_actor_seq("t", "k"),
+    "read_checkpoints": lambda s: s.read_checkpoints("t", "k"),
+    "list_actors": lambda s: s.list_actors(),
 }
 
 

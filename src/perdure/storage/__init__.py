@@ -18,6 +18,7 @@ from ._base import Store as Store
 from ._memory import MemoryStore as MemoryStore
 from ._records import UNFINISHED as UNFINISHED
 from ._records import Attempt as Attempt
+from ._records import Checkpoint as Checkpoint
 from ._records import EntryKind as EntryKind
 from ._records import IdempotentResult as IdempotentResult
 from ._records import InvocationRecord as InvocationRecord
@@ -31,6 +32,7 @@ __all__ = [
     "UNFINISHED",
     "Attempt",
     "BeforeCommit",
+    "Checkpoint",
     "EntryKind",
     "IdempotentResult",
     "InvocationRecord",

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 from ._records import (
     Attempt,
+    Checkpoint,
     IdempotentResult,
     InvocationRecord,
     JournalEntry,
@@ -49,6 +50,8 @@ class Store(abc.ABC):
 
         If ``invocation.idempotency_key`` is already used for the same target,
         nothing is written and the existing record is returned with False.
+        A taken invocation id, or a taken (actor type, actor key, actor seq),
+        raises :class:`perdure.ConflictError`.
         """
 
     @abc.abstractmethod
@@ -57,7 +60,8 @@ class Store(abc.ABC):
 
         Raises :class:`perdure.ConflictError` if a journal index is already
         taken. An idempotent result whose (scope, key) is taken is ignored:
-        the first one stored wins.
+        the first one stored wins. A checkpoint replaces one with the same
+        (actor type, key, seq).
         """
 
     @abc.abstractmethod
@@ -85,6 +89,36 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def read_attempts(self, invocation_id: str) -> list[Attempt]:
         """An invocation's failed step attempts, by index then attempt."""
+
+    @abc.abstractmethod
+    async def list_actor_messages(
+        self,
+        actor_type: str,
+        actor_key: str,
+        *,
+        after_seq: int = 0,
+        upto_seq: int | None = None,
+    ) -> list[InvocationRecord]:
+        """An actor's messages with ``after_seq < actor_seq <= upto_seq``, in log order."""
+
+    @abc.abstractmethod
+    async def last_actor_seq(self, actor_type: str, actor_key: str) -> int:
+        """The highest log position of the actor's messages, 0 if it has none."""
+
+    @abc.abstractmethod
+    async def read_checkpoints(
+        self,
+        actor_type: str,
+        actor_key: str,
+        *,
+        at_or_before: int | None = None,
+        limit: int = 3,
+    ) -> list[Checkpoint]:
+        """The actor's newest checkpoints with ``seq <= at_or_before``, newest first."""
+
+    @abc.abstractmethod
+    async def list_actors(self, actor_type: str | None = None) -> list[tuple[str, str]]:
+        """(actor type, key) of every actor with at least one message, sorted."""
 
     async def read_journals(
         self, invocation_ids: Sequence[str]

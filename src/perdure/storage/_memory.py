@@ -10,6 +10,7 @@ from .._errors import ConflictError, StorageError
 from ._base import BeforeCommit, Store
 from ._records import (
     Attempt,
+    Checkpoint,
     IdempotentResult,
     InvocationRecord,
     JournalEntry,
@@ -17,7 +18,7 @@ from ._records import (
     Write,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the SQLite schema version whose contract this store follows
 
 
 class MemoryStore(Store):
@@ -32,6 +33,9 @@ class MemoryStore(Store):
         self._journal: dict[str, dict[int, JournalEntry]] = {}
         self._attempts: dict[str, list[Attempt]] = {}
         self._idempotent: dict[tuple[str, str], IdempotentResult] = {}
+        # (actor type, actor key) -> actor seq -> invocation id
+        self._actors: dict[tuple[str, str], dict[int, str]] = {}
+        self._checkpoints: dict[tuple[str, str], dict[int, Checkpoint]] = {}
 
     async def open(self) -> None:
         self._open = True
@@ -51,15 +55,22 @@ class MemoryStore(Store):
         self, invocation: InvocationRecord, input_entry: JournalEntry
     ) -> tuple[InvocationRecord, bool]:
         self._check_open()
+        actor = _actor_of(invocation)
         if invocation.idempotency_key is not None:
             existing = self._by_key.get((invocation.target, invocation.idempotency_key))
             if existing is not None:
                 return self._invocations[existing], False
         if invocation.id in self._invocations:
             raise ConflictError(f"invocation id {invocation.id} is already taken")
+        if actor is not None and actor[2] in self._actors.get(actor[:2], {}):
+            raise ConflictError(
+                f"message {actor[2]} of actor {actor[0]}/{actor[1]} is already taken"
+            )
         if self._before_commit is not None:
             self._before_commit(1)
         self._invocations[invocation.id] = invocation
+        if actor is not None:
+            self._actors.setdefault(actor[:2], {})[actor[2]] = invocation.id
         if invocation.idempotency_key is not None:
             self._by_key[(invocation.target, invocation.idempotency_key)] = invocation.id
         self._journal[invocation.id] = {input_entry.index: input_entry}
@@ -102,6 +113,9 @@ class MemoryStore(Store):
         r = write.idempotent
         if r is not None:
             self._idempotent.setdefault((r.scope, r.key), r)
+        c = write.checkpoint
+        if c is not None:
+            self._checkpoints.setdefault((c.actor_type, c.actor_key), {})[c.seq] = c
 
     async def get_invocation(self, invocation_id: str) -> InvocationRecord | None:
         self._check_open()
@@ -137,6 +151,60 @@ class MemoryStore(Store):
         self._check_open()
         return sorted(self._attempts.get(invocation_id, []), key=lambda a: (a.index, a.attempt))
 
+    async def list_actor_messages(
+        self,
+        actor_type: str,
+        actor_key: str,
+        *,
+        after_seq: int = 0,
+        upto_seq: int | None = None,
+    ) -> list[InvocationRecord]:
+        self._check_open()
+        log = self._actors.get((actor_type, actor_key), {})
+        return [
+            self._invocations[log[seq]]
+            for seq in sorted(log)
+            if seq > after_seq and (upto_seq is None or seq <= upto_seq)
+        ]
+
+    async def last_actor_seq(self, actor_type: str, actor_key: str) -> int:
+        self._check_open()
+        return max(self._actors.get((actor_type, actor_key), {}), default=0)
+
+    async def read_checkpoints(
+        self,
+        actor_type: str,
+        actor_key: str,
+        *,
+        at_or_before: int | None = None,
+        limit: int = 3,
+    ) -> list[Checkpoint]:
+        self._check_open()
+        found = self._checkpoints.get((actor_type, actor_key), {})
+        seqs = sorted((s for s in found if at_or_before is None or s <= at_or_before), reverse=True)
+        return [found[s] for s in seqs[: max(limit, 0)]]
+
+    async def list_actors(self, actor_type: str | None = None) -> list[tuple[str, str]]:
+        self._check_open()
+        return sorted(
+            actor
+            for actor, log in self._actors.items()
+            if log and (actor_type is None or actor[0] == actor_type)
+        )
+
     async def get_idempotent_result(self, scope: str, key: str) -> IdempotentResult | None:
         self._check_open()
         return self._idempotent.get((scope, key))
+
+
+def _actor_of(invocation: InvocationRecord) -> tuple[str, str, int] | None:
+    """The (actor type, key, seq) of an actor message, None for any other invocation."""
+    t, k, n = invocation.actor_type, invocation.actor_key, invocation.actor_seq
+    if t is None and k is None and n is None:
+        return None
+    if t is None or k is None or n is None:
+        raise ValueError(
+            f"invocation {invocation.id}: actor_type, actor_key and actor_seq must be "
+            f"all set or all None (got {t!r}, {k!r}, {n!r})"
+        )
+    return t, k, n

@@ -51,6 +51,12 @@ class InvocationRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     created_at: float
     updated_at: float
     last_error: str | None = None
+    # For a message to a durable actor: the actor and the message's position
+    # in that actor's message log (1, 2, 3...), which is the order in which
+    # its messages are handled and replayed.
+    actor_type: str | None = None
+    actor_key: str | None = None
+    actor_seq: int | None = None
 
 
 class JournalEntry(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -93,6 +99,23 @@ class IdempotentResult(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     created_at: float
 
 
+class Checkpoint(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A durable actor's state after the message with log position ``seq``.
+
+    ``checksum`` is the SHA-256 hex digest of ``state``; ``state_version`` is
+    the actor class's version of its state schema when it was written.
+    """
+
+    actor_type: str
+    actor_key: str
+    seq: int
+    state: bytes
+    type_tag: str | None
+    checksum: str
+    state_version: int
+    created_at: float
+
+
 class StatusChange(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     invocation_id: str
     status: Status
@@ -107,3 +130,4 @@ class Write(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     attempts: tuple[Attempt, ...] = ()
     status: StatusChange | None = None
     idempotent: IdempotentResult | None = None
+    checkpoint: Checkpoint | None = None

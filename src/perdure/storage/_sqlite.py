@@ -20,6 +20,7 @@ from .._errors import ConfigurationError, JournalDecodeError, RuntimeLockedError
 from ._base import BeforeCommit, Store
 from ._records import (
     Attempt,
+    Checkpoint,
     EntryKind,
     IdempotentResult,
     InvocationRecord,
@@ -28,9 +29,11 @@ from ._records import (
     Write,
 )
 from ._sqlite_batch import (
+    CHECKPOINT_COLUMNS,
     INVOCATION_COLUMNS,
     JOURNAL_COLUMNS,
     GroupCommitter,
+    checkpoint_from_row,
     invocation_from_row,
     map_error,
 )
@@ -83,6 +86,26 @@ _MIGRATIONS: list[str] = [
         invocation_id TEXT NOT NULL,
         created_at REAL NOT NULL,
         PRIMARY KEY (scope, key)
+    );
+    """,
+    # version 2: durable actors. A message to an actor is an invocation with
+    # its place in the actor's message log; checkpoints hold actor state.
+    """
+    ALTER TABLE invocations ADD COLUMN actor_type TEXT;
+    ALTER TABLE invocations ADD COLUMN actor_key TEXT;
+    ALTER TABLE invocations ADD COLUMN actor_seq INTEGER;
+    CREATE UNIQUE INDEX invocations_by_actor ON invocations (actor_type, actor_key, actor_seq)
+        WHERE actor_type IS NOT NULL;
+    CREATE TABLE checkpoints (
+        actor_type TEXT NOT NULL,
+        actor_key TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        state BLOB NOT NULL,
+        type_tag TEXT,
+        checksum TEXT NOT NULL,
+        state_version INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (actor_type, actor_key, seq)
     );
     """,
 ]
@@ -287,6 +310,19 @@ class SQLiteStore(Store):
     async def create_invocation(
         self, invocation: InvocationRecord, input_entry: JournalEntry
     ) -> tuple[InvocationRecord, bool]:
+        if (
+            invocation.actor_type is not None
+            or invocation.actor_key is not None
+            or invocation.actor_seq is not None
+        ) and (
+            invocation.actor_type is None
+            or invocation.actor_key is None
+            or invocation.actor_seq is None
+        ):
+            raise ValueError(
+                f"invocation {invocation.id}: actor_type, actor_key and actor_seq must be "
+                "all set or all None"
+            )
         result: tuple[InvocationRecord, bool] = await self._writer().submit(
             (invocation, input_entry), None
         )
@@ -373,6 +409,65 @@ class SQLiteStore(Store):
             Attempt(invocation_id=r[0], index=r[1], attempt=r[2], error=r[3], created_at=r[4])
             for r in rows
         ]
+
+    async def list_actor_messages(
+        self,
+        actor_type: str,
+        actor_key: str,
+        *,
+        after_seq: int = 0,
+        upto_seq: int | None = None,
+    ) -> list[InvocationRecord]:
+        sql = (
+            f"SELECT {INVOCATION_COLUMNS} FROM invocations "
+            "WHERE actor_type = ? AND actor_key = ? AND actor_seq > ?"
+        )
+        params: list[Any] = [actor_type, actor_key, after_seq]
+        if upto_seq is not None:
+            sql += " AND actor_seq <= ?"
+            params.append(upto_seq)
+        sql += " ORDER BY actor_seq"
+        return [invocation_from_row(r) for r in await self._read(sql, params)]
+
+    async def last_actor_seq(self, actor_type: str, actor_key: str) -> int:
+        rows = await self._read(
+            "SELECT max(actor_seq) FROM invocations WHERE actor_type = ? AND actor_key = ?",
+            (actor_type, actor_key),
+        )
+        return int(rows[0][0] or 0)
+
+    async def read_checkpoints(
+        self,
+        actor_type: str,
+        actor_key: str,
+        *,
+        at_or_before: int | None = None,
+        limit: int = 3,
+    ) -> list[Checkpoint]:
+        sql = f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE actor_type = ? AND actor_key = ?"
+        params: list[Any] = [actor_type, actor_key]
+        if at_or_before is not None:
+            sql += " AND seq <= ?"
+            params.append(at_or_before)
+        # A negative LIMIT means no limit to SQLite; here it means none.
+        sql += " ORDER BY seq DESC LIMIT ?"
+        params.append(max(limit, 0))
+        return [checkpoint_from_row(r) for r in await self._read(sql, params)]
+
+    async def list_actors(self, actor_type: str | None = None) -> list[tuple[str, str]]:
+        if actor_type is None:
+            rows = await self._read(
+                "SELECT DISTINCT actor_type, actor_key FROM invocations "
+                "WHERE actor_type IS NOT NULL ORDER BY actor_type, actor_key",
+                (),
+            )
+        else:
+            rows = await self._read(
+                "SELECT DISTINCT actor_type, actor_key FROM invocations "
+                "WHERE actor_type = ? ORDER BY actor_key",
+                (actor_type,),
+            )
+        return [(r[0], r[1]) for r in rows]
 
     async def read_journals(
         self, invocation_ids: Sequence[str]

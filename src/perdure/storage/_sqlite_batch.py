@@ -28,10 +28,15 @@ from typing import Any
 
 from .._errors import ConflictError, PerdureError, StorageError, StorageFullError
 from ._base import BeforeCommit
-from ._records import InvocationRecord, JournalEntry, Status, Write
+from ._records import Checkpoint, InvocationRecord, JournalEntry, Status, Write
 
 INVOCATION_COLUMNS = (
-    "id, target, input_hash, idempotency_key, status, created_at, updated_at, last_error"
+    "id, target, input_hash, idempotency_key, status, created_at, updated_at, last_error, "
+    "actor_type, actor_key, actor_seq"
+)
+_INVOCATION_WIDTH = 11
+CHECKPOINT_COLUMNS = (
+    "actor_type, actor_key, seq, state, type_tag, checksum, state_version, created_at"
 )
 JOURNAL_COLUMNS = "invocation_id, idx, kind, name, ok, payload, type_tag, attempts, created_at"
 
@@ -41,6 +46,7 @@ _INSERT_INVOCATION_HEAD = f"INSERT INTO invocations ({INVOCATION_COLUMNS}) VALUE
 _INSERT_ATTEMPT_HEAD = (
     "INSERT OR IGNORE INTO attempts (invocation_id, idx, attempt, error, created_at) VALUES "
 )
+_INSERT_CHECKPOINT_HEAD = f"INSERT OR REPLACE INTO checkpoints ({CHECKPOINT_COLUMNS}) VALUES "
 _INSERT_IDEMPOTENT_HEAD = (
     "INSERT OR IGNORE INTO idempotent_results "
     "(scope, key, ok, payload, type_tag, invocation_id, created_at) VALUES "
@@ -119,6 +125,9 @@ def invocation_from_row(row: Sequence[Any]) -> InvocationRecord:
         created_at=row[5],
         updated_at=row[6],
         last_error=row[7],
+        actor_type=row[8],
+        actor_key=row[9],
+        actor_seq=row[10],
     )
 
 
@@ -132,6 +141,35 @@ def invocation_row(inv: InvocationRecord) -> tuple[Any, ...]:
         inv.created_at,
         inv.updated_at,
         inv.last_error,
+        inv.actor_type,
+        inv.actor_key,
+        inv.actor_seq,
+    )
+
+
+def checkpoint_row(c: Checkpoint) -> tuple[Any, ...]:
+    return (
+        c.actor_type,
+        c.actor_key,
+        c.seq,
+        c.state,
+        c.type_tag,
+        c.checksum,
+        c.state_version,
+        c.created_at,
+    )
+
+
+def checkpoint_from_row(row: Sequence[Any]) -> Checkpoint:
+    return Checkpoint(
+        actor_type=row[0],
+        actor_key=row[1],
+        seq=row[2],
+        state=row[3],
+        type_tag=row[4],
+        checksum=row[5],
+        state_version=row[6],
+        created_at=row[7],
     )
 
 
@@ -324,6 +362,7 @@ def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
     attempt_rows: list[tuple[Any, ...]] = []
     status_rows: list[tuple[Any, ...]] = []
     idempotent_rows: list[tuple[Any, ...]] = []
+    checkpoint_rows: list[tuple[Any, ...]] = []
     creates: list[tuple[int, InvocationRecord, JournalEntry]] = []
     for i, op in enumerate(batch):
         if op.create is not None:
@@ -343,6 +382,8 @@ def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
             idempotent_rows.append(
                 (r.scope, r.key, int(r.ok), r.payload, r.type_tag, r.invocation_id, r.created_at)
             )
+        if w.checkpoint is not None:
+            checkpoint_rows.append(checkpoint_row(w.checkpoint))
     if creates:
         _create_many(conn, creates, outcomes, journal_rows)
     if journal_rows:
@@ -368,6 +409,10 @@ def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
         _update_statuses(conn, status_rows)
     if idempotent_rows:
         _insert_many(conn, _INSERT_IDEMPOTENT_HEAD, 7, idempotent_rows)
+    if checkpoint_rows:
+        # A later checkpoint of the same (actor, seq), in this batch or
+        # before it, replaces the earlier one.
+        _insert_many(conn, _INSERT_CHECKPOINT_HEAD, 8, checkpoint_rows)
     return outcomes
 
 
@@ -378,9 +423,11 @@ def _create_many(
     journal_rows: list[tuple[Any, ...]],
 ) -> None:
     rows = [invocation_row(inv) for _, inv, _ in creates]
-    # A taken id or (target, idempotency key) makes its row a no-op; which
-    # rows went in is read back in one step.
-    _insert_many(conn, _INSERT_INVOCATION_HEAD, 8, rows, suffix=" ON CONFLICT DO NOTHING")
+    # A taken id, (target, idempotency key) or (actor type, key, seq) makes
+    # its row a no-op; which rows went in is read back in one step.
+    _insert_many(
+        conn, _INSERT_INVOCATION_HEAD, _INVOCATION_WIDTH, rows, suffix=" ON CONFLICT DO NOTHING"
+    )
     inserted: set[str] = set()
     for chunk in _chunks([inv.id for _, inv, _ in creates], 4096):
         found = conn.execute(
@@ -404,6 +451,11 @@ def _create_many(
             ).fetchone()
             existing = None if row is None else invocation_from_row(row)
         if existing is None:
+            if inv.actor_type is not None:
+                raise ConflictError(
+                    f"invocation id {inv.id}, or message {inv.actor_seq} of actor "
+                    f"{inv.actor_type}/{inv.actor_key}, is already taken"
+                )
             raise ConflictError(f"invocation id {inv.id} is already taken")
         outcomes[i] = (existing, False)
 
