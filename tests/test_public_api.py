@@ -16,6 +16,8 @@ PERDURE_ALL = [
     "ConflictError",
     "Context",
     "DurabilityFacet",
+    "ForkResult",
+    "ForkStoppedError",
     "IdempotencyConflictError",
     "InvocationFailedError",
     "InvocationHandle",
@@ -82,6 +84,7 @@ ERROR_BASES = {
     "StorageFullError": perdure.StorageError,
     "InvocationFailedError": perdure.PerdureError,
     "InvocationStoppedError": perdure.PerdureError,
+    "ForkStoppedError": perdure.PerdureError,
     "TerminalError": Exception,
     "StepFailedError": Exception,
 }

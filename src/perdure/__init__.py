@@ -20,6 +20,7 @@ from ._context import current_context as current_context
 from ._context import current_step as current_step
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import ConflictError as ConflictError
+from ._errors import ForkStoppedError as ForkStoppedError
 from ._errors import IdempotencyConflictError as IdempotencyConflictError
 from ._errors import InvocationFailedError as InvocationFailedError
 from ._errors import InvocationStoppedError as InvocationStoppedError
@@ -35,6 +36,7 @@ from ._errors import StorageError as StorageError
 from ._errors import StorageFullError as StorageFullError
 from ._errors import TerminalError as TerminalError
 from ._errors import UnknownWorkflowError as UnknownWorkflowError
+from ._fork import ForkResult as ForkResult
 from ._hooks import StepInfo as StepInfo
 from ._retry import RetryPolicy as RetryPolicy
 from ._runtime import Runtime as Runtime
@@ -55,6 +57,8 @@ __all__ = [
     "ConflictError",
     "Context",
     "DurabilityFacet",
+    "ForkResult",
+    "ForkStoppedError",
     "IdempotencyConflictError",
     "InvocationFailedError",
     "InvocationHandle",

@@ -23,6 +23,7 @@ from ._workflow import Workflow
 from .storage._records import EntryKind, InvocationRecord, JournalEntry, Status
 
 if TYPE_CHECKING:
+    from ._fork import ForkResult
     from ._runtime import Runtime
 
 R = TypeVar("R")
@@ -263,6 +264,19 @@ class ActorRef:
 
 class Client:
     """Starts workflows and finds invocations. Get one from ``runtime.client``."""
+
+    async def fork(
+        self, invocation_id: str, *, upto: int | None = None, live: bool = False
+    ) -> ForkResult:
+        """Re-run an invocation from its journal entries before ``upto`` against
+        the current code, in a sandbox; the original is not touched.
+
+        Without ``live``, the fork stops before the first step that is not in
+        the prefix (no external call is made) and reports it.
+        """
+        from ._fork import fork
+
+        return await fork(self._rt, invocation_id, upto=upto, live=live)
 
     async def journal(self, invocation_id: str) -> list[JournalEntry]:
         """An invocation's journal, entry by entry (time travel)."""

@@ -43,6 +43,18 @@ T = TypeVar("T")
 # A call's outcome is the callee's: retrying would attach to the same callee.
 _ONCE = NO_RETRY
 
+LiveGuard = Callable[[str, int, str], BaseException]
+"""Given (invocation id, journal index, step name) of a step about to run
+live, the reason to stop instead."""
+
+
+def completed_message_guard(invocation_id: str, index: int, name: str) -> BaseException:
+    """Replaying a completed message: a step past its journal is non-determinism."""
+    return NonDeterminismError(
+        invocation_id, index, "no entry (the message completed)", f"step {name!r}"
+    )
+
+
 _current_step: contextvars.ContextVar[StepInfo] = contextvars.ContextVar("perdure_step")
 _current_context: contextvars.ContextVar[Context] = contextvars.ContextVar("perdure_context")
 
@@ -79,10 +91,10 @@ class Context:
     """
 
     __slots__ = (
+        "_live_guard",
         "_now",
         "_random",
         "_replay",
-        "_replay_only",
         "_rt",
         "invocation_id",
         "key",
@@ -98,12 +110,12 @@ class Context:
         started_at: float,
         *,
         key: str | None = None,
-        replay_only: bool = False,
+        live_guard: LiveGuard | None = None,
     ) -> None:
         self._rt = runtime
         self.key = key
         """The actor's key, in an actor handler."""
-        self._replay_only = replay_only
+        self._live_guard = live_guard
         self.invocation_id = invocation_id
         self.workflow_name = workflow_name
         self._replay = replay
@@ -216,13 +228,9 @@ class Context:
             index, entry, failed = self._replay.take(EntryKind.STEP, name)
         except NonDeterminismError as exc:
             raise Suspended(exc) from None
-        if entry is None and self._replay_only:
-            # Rebuilding state from a completed message: nothing may run live.
-            raise Suspended(
-                NonDeterminismError(
-                    self.invocation_id, index, "no entry (the message completed)", f"step {name!r}"
-                )
-            )
+        if entry is None and self._live_guard is not None:
+            # Replay only (rebuilding state, a dry-run fork): nothing may run live.
+            raise Suspended(self._live_guard(self.invocation_id, index, name))
         if entry is not None:
             self._now = entry.created_at
             self._rt.stats.steps_replayed += 1

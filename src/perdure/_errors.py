@@ -15,6 +15,7 @@ Every error Perdure raises derives from one root::
     │   └── JournalDecodeError      a stored journal row cannot be read back
     ├── StorageError                the backend failed (driver errors mapped here)
     │   └── StorageFullError
+    ├── ForkStoppedError            a dry-run fork reached a step it would run live
     ├── InvocationFailedError       the invocation ended with an error (``__cause__``)
     └── InvocationStoppedError      it stopped unfinished here; resumes on the next start
 
@@ -138,6 +139,18 @@ class InvocationStoppedError(PerdureError):
             "journal when a runtime starts on this store again"
         )
         self.__cause__ = reason
+
+
+class ForkStoppedError(PerdureError):
+    """A dry-run fork reached a step that is not in the journal prefix."""
+
+    def __init__(self, invocation_id: str, index: int, name: str) -> None:
+        self.index = index
+        self.step = name
+        super().__init__(
+            f"fork of {invocation_id} stopped before step {name!r} (journal index {index}): "
+            "it would run live; fork with live=True to run it in the sandbox"
+        )
 
 
 class TerminalError(Exception):

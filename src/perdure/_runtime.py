@@ -13,9 +13,16 @@ from typing import Any
 
 from ._actor import Activation, Actor, ActorDef, _Pending
 from ._clock import Clock, SystemClock
-from ._context import Context, PlainContext, _current_context
+from ._context import (
+    Context,
+    LiveGuard,
+    PlainContext,
+    _current_context,
+    completed_message_guard,
+)
 from ._errors import (
     ConfigurationError,
+    ForkStoppedError,
     IdempotencyConflictError,
     InvocationStoppedError,
     JournalDecodeError,
@@ -138,6 +145,8 @@ class Runtime:
             self.register_actor(cls)
         self.actor_idle_seconds = actor_idle_seconds
         self._activations: dict[tuple[str, str], Activation] = {}
+        # Set in a fork's sandbox runtime: what stops a step from running live.
+        self._live_guard: LiveGuard | None = None
         self._tasks: dict[str, asyncio.Task[Outcome]] = {}
         # Invocations that stopped unfinished in this process, and why.
         self._stopped: dict[str, BaseException] = {}
@@ -457,7 +466,7 @@ class Runtime:
             replay,
             journal[0].created_at,
             key=rec.actor_key,
-            replay_only=True,
+            live_guard=completed_message_guard,
         )
         try:
             await handler.method(instance, ctx, *args, **kwargs)
@@ -500,7 +509,15 @@ class Runtime:
             if decoded is None:
                 decoded = self._decode_input(rec.id, wf, input_entry)
             args, kwargs = decoded
-            ctx = Context(self, rec.id, wf.name, replay, input_entry.created_at, key=rec.actor_key)
+            ctx = Context(
+                self,
+                rec.id,
+                wf.name,
+                replay,
+                input_entry.created_at,
+                key=rec.actor_key,
+                live_guard=self._live_guard,
+            )
             _current_context.set(ctx)
             try:
                 value = await call(ctx, *args, **kwargs)
@@ -600,7 +617,8 @@ class Runtime:
     def _suspended(self, rec: InvocationRecord, reason: BaseException) -> Outcome:
         self.stats.invocations_suspended += 1
         self._stopped[rec.id] = reason
-        log.error("invocation %s (%s) stopped unfinished: %s", rec.id, rec.target, reason)
+        level = logging.DEBUG if isinstance(reason, ForkStoppedError) else logging.ERROR
+        log.log(level, "invocation %s (%s) stopped unfinished: %s", rec.id, rec.target, reason)
         return Outcome(Status.RUNNING, error=reason)
 
     def _idempotency_lock(self, scope: str, key: str) -> asyncio.Lock:
