@@ -323,22 +323,34 @@ class RebuiltState:
 
 
 async def rebuild(
-    rt: Runtime, definition: ActorDef, key: str, *, upto_seq: int | None
+    rt: Runtime,
+    definition: ActorDef,
+    key: str,
+    *,
+    upto_seq: int | None,
+    use_checkpoints: bool = True,
 ) -> RebuiltState:
     """An actor's state after message ``upto_seq`` (all, if None).
 
     Starts from the newest readable checkpoint at or before it, then replays
     the completed messages after it in replay mode: handlers run again, but
     every step's outcome comes from the journal. Failed messages are skipped.
-    Unfinished ones are returned for the caller to resume.
+    Unfinished ones are returned for the caller to resume. Without
+    ``use_checkpoints``, every message is replayed (to measure what
+    checkpoints save).
     """
     facet = definition.facet
     assert facet is not None
     instance = definition.cls(key)
     start = 0
-    for cp in await rt.store.read_checkpoints(
-        definition.name, key, at_or_before=upto_seq, limit=facet.retain_checkpoints
-    ):
+    checkpoints = (
+        await rt.store.read_checkpoints(
+            definition.name, key, at_or_before=upto_seq, limit=facet.retain_checkpoints
+        )
+        if use_checkpoints
+        else []
+    )
+    for cp in checkpoints:
         problem = _checkpoint_problem(rt, definition, cp)
         if problem is None:
             instance.state = rt.codec.decode(cp.state, cp.type_tag, definition.cls.state_type)

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Protocol
 
+from .._actor import Actor, DurabilityFacet
 from .._context import Context, current_step
 from .._errors import TerminalError
 from .._workflow import Workflow, workflow
@@ -56,10 +57,35 @@ def validate(request: PaymentRequest) -> bool:
     return True
 
 
+@dataclasses.dataclass
+class AccountState:
+    """A customer's running totals, kept by the durable Account actor."""
+
+    paid_cents: int = 0
+    payments: int = 0
+    last_transaction: str = ""
+
+
+class Account(Actor[AccountState]):
+    """One customer's account, updated by every payment of that customer."""
+
+    durability = DurabilityFacet(checkpoint_every=10)
+
+    async def add_payment(self, ctx: Context, amount_cents: int, transaction_id: str) -> int:
+        self.state.paid_cents += amount_cents
+        self.state.payments += 1
+        self.state.last_transaction = transaction_id
+        return self.state.paid_cents
+
+
 def build_payment_workflow(
-    provider: Provider, ledger: Ledger
+    provider: Provider, ledger: Ledger, *, accounts: bool = False
 ) -> Workflow[[PaymentRequest], PaymentResult]:
-    """The payment workflow bound to a provider and a ledger."""
+    """The payment workflow bound to a provider and a ledger.
+
+    With ``accounts``, each payment also updates the customer's durable
+    :class:`Account` actor (register ``Account`` with the runtime).
+    """
 
     def charge(request: PaymentRequest) -> Charge:
         # The step key is the same on every retry and after every restart,
@@ -74,6 +100,10 @@ def build_payment_workflow(
         await ctx.run("validate", validate, request)
         result = await ctx.run("charge", charge, request)
         await ctx.run("record", record, request, result)
+        if accounts:
+            await ctx.actor(Account, request.customer).ask(
+                Account.add_payment, request.amount_cents, result.transaction_id
+            )
         return PaymentResult(request.payment_id, result.transaction_id, result.status)
 
     return process_payment
