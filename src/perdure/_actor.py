@@ -177,6 +177,7 @@ class Activation:
         self.since_checkpoint = 0
         self.stopped: BaseException | None = None
         self.sending = 0  # sends between seq assignment and posting: keep alive
+        self.plain_context: Any = None
         self.task = asyncio.create_task(self._run(), name=f"perdure-actor:{definition.name}/{key}")
 
     # -- durable -------------------------------------------------------------
@@ -293,7 +294,9 @@ class Activation:
         kwargs: dict[str, Any],
         future: asyncio.Future[Any] | None,
     ) -> None:
-        ctx = self.rt._plain_context(self)
+        ctx = self.plain_context
+        if ctx is None:
+            ctx = self.plain_context = self.rt._plain_context(self)
         try:
             value = await handler.method(self.instance, ctx, *args, **kwargs)
         except Exception as exc:
