@@ -5,6 +5,10 @@
     .venv/bin/python bench/profile.py steps --sync        # the same with sync step functions
     .venv/bin/python bench/profile.py steps --concurrency 64   # 64 concurrent 100-step workflows
     .venv/bin/python bench/profile.py payments --store memory:// --top 25 --dump prof/
+    .venv/bin/python bench/profile.py actors              # 256 senders x 40 durable actor asks
+    .venv/bin/python bench/profile.py plain-actors        # plain actor asks and the Queue baseline
+    .venv/bin/python bench/profile.py recovery            # rebuild a 10,050-message actor
+    .venv/bin/python bench/profile.py recovery --checkpoints   # the same, checkpoint_every=100
 
 The workloads are the ones ``perdure bench`` times (imported from
 ``perdure._bench``), on a fresh temporary SQLite file (synchronous=full)
@@ -43,10 +47,15 @@ from collections.abc import Callable, Coroutine  # noqa: E402
 from typing import Any  # noqa: E402
 
 from perdure._bench import (  # noqa: E402
+    ACTOR_CONCURRENCY,
+    ACTOR_KEYS,
     STEPS_PER_WORKFLOW,
     StoreFactory,
+    actor_recovery,
     concurrent_payments,
     concurrent_steps,
+    durable_actor_messages,
+    plain_actor_vs_queue,
     sequential_steps,
 )
 
@@ -204,6 +213,56 @@ def workload(args: argparse.Namespace) -> tuple[str, Workload, Callable[[Any], s
         title = f"payment workflows, {concurrency} workers x {per_worker} each"
         return title, payments, payments_summary
 
+    if args.workload == "actors":
+        actor_count = args.count or 40
+
+        def actors(url: str) -> Coroutine[Any, Any, float]:
+            return durable_actor_messages(url, per_worker=actor_count)
+
+        def actors_summary(elapsed: Any) -> str:
+            n = ACTOR_CONCURRENCY * actor_count
+            return f"{n} durable actor messages in {elapsed:.3f} s: {n / elapsed:,.0f}/s"
+
+        title = (
+            f"durable actor asks, {ACTOR_CONCURRENCY} senders x {actor_count} each "
+            f"over {ACTOR_KEYS} keys (plus a warm-up message per key)"
+        )
+        return title, actors, actors_summary
+
+    if args.workload == "plain-actors":
+        plain_count = args.count or 200
+
+        def plain(url: str) -> Coroutine[Any, Any, tuple[float, float]]:
+            return plain_actor_vs_queue(url, per_worker=plain_count, rounds=3)
+
+        def plain_summary(result: Any) -> str:
+            p, q = result
+            return (
+                f"plain actor {p * 1e6:.2f} us/message, Queue actor {q * 1e6:.2f} us: {p / q:.2f}x"
+            )
+
+        title = (
+            f"plain actor asks and the asyncio.Queue baseline, {ACTOR_CONCURRENCY} senders x "
+            f"{plain_count} each over {ACTOR_KEYS} keys, 4 rounds of each"
+        )
+        return title, plain, plain_summary
+
+    if args.workload == "recovery":
+        history = args.count or 10_050
+
+        def recovery(url: str) -> Coroutine[Any, Any, float]:
+            return actor_recovery(url, checkpointed=args.checkpoints, history=history)
+
+        def recovery_summary(elapsed: Any) -> str:
+            return f"actor rebuilt in {elapsed * 1e3:.2f} ms"
+
+        how = "checkpoint_every=100" if args.checkpoints else "no checkpoint"
+        title = (
+            f"actor recovery, {history} messages, {how} (the profile includes writing the "
+            "history: read the event loop's rebuild/_load/_replay lines)"
+        )
+        return title, recovery, recovery_summary
+
     concurrency = args.concurrency or 1
     if concurrency > 1:
         per_worker = args.count or 2
@@ -243,7 +302,9 @@ def workload(args: argparse.Namespace) -> tuple[str, Workload, Callable[[Any], s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("workload", choices=["payments", "steps"])
+    parser.add_argument(
+        "workload", choices=["payments", "steps", "actors", "plain-actors", "recovery"]
+    )
     parser.add_argument(
         "--concurrency",
         type=int,
@@ -254,10 +315,12 @@ def main(argv: list[str] | None = None) -> None:
         "--count",
         type=int,
         default=0,
-        help="workflows per worker (payments: 100; steps: 20 sequential, 2 concurrent)",
+        help="workflows per worker (payments: 100; steps: 20 sequential, 2 concurrent); "
+        "actors: messages per sender (actors: 40, plain-actors: 200); recovery: history",
     )
     parser.add_argument("--steps", type=int, default=STEPS_PER_WORKFLOW, help="steps per workflow")
     parser.add_argument("--sync", action="store_true", help="steps: a sync step function")
+    parser.add_argument("--checkpoints", action="store_true", help="recovery: checkpoint_every=100")
     parser.add_argument("--store", default=None, help="store URL (default: temp SQLite, full)")
     parser.add_argument("--top", type=int, default=15, help="functions per table")
     parser.add_argument("--sort", default="tottime,cumtime", help="comma-separated pstats keys")

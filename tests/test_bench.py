@@ -23,6 +23,14 @@ FLAT_METRICS = [
     "step_latency_p50_ms_sync",
     "plain_workflow_us",
     "durable_over_plain",
+    "actor_recovery_full_ms",
+    "actor_recovery_checkpoint_ms",
+    "actor_recovery_ratio",
+    "checkpoint_1mb_ms",
+    "actor_messages_per_second",
+    "plain_actor_us",
+    "queue_actor_us",
+    "plain_actor_over_queue",
 ]
 
 
@@ -47,6 +55,11 @@ def _check_figures(doc: dict[str, Any]) -> None:
         "workflows_per_second.256",
         "step_latency_p50_ms",
         "workflow_latency_p50_ms",
+        "actor_recovery_checkpoint_ms",
+        "actor_recovery_ratio",
+        "checkpoint_1mb_ms",
+        "actor_messages_per_second",
+        "plain_actor_over_queue",
     }
     assert all(isinstance(t["met"], bool) for t in doc["targets"].values())
 
@@ -65,6 +78,8 @@ def test_json_on_default_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config["cpu_count"] >= 1
     assert config["python"].count(".") == 2
     assert config["store_url"].startswith("sqlite:///")
+    assert config["actor_history_messages"] > config["sizes"]["actor_history"] > 0
+    assert config["checkpoint_state_bytes"] > 900_000
     # Always written to metrics/benchmark_results.json under the working directory.
     written = json.loads((tmp_path / "metrics" / "benchmark_results.json").read_text())
     assert written == doc
@@ -92,7 +107,13 @@ def test_table_on_memory_store(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     result = CliRunner().invoke(bench, [*TINY, "--store", "memory://", "--output", str(out)])
     assert result.exit_code == 0, result.output
-    for row in ("workflow_latency_p50_ms", "workflows_per_second.256", "durable_over_plain"):
+    for row in (
+        "workflow_latency_p50_ms",
+        "workflows_per_second.256",
+        "durable_over_plain",
+        "actor_recovery_full_ms",
+        "plain_actor_over_queue",
+    ):
         assert row in result.stdout
     doc = json.loads(out.read_text())
     _check_figures(doc)

@@ -155,6 +155,9 @@ class _Pending:
     journal: list[Any]
     attempts: list[Any]
     decoded: tuple[list[Any], dict[str, Any]] | None
+    # Resolved with the message's outcome, so that callers waiting for a
+    # message still in the mailbox need not poll the store.
+    done: asyncio.Future[Any]
 
 
 class Activation:
@@ -171,7 +174,9 @@ class Activation:
         self.key = key
         self.instance: Actor[Any] = definition.cls(key)
         self.mailbox: collections.deque[Any] = collections.deque()
-        self.wakeup = asyncio.Event()
+        self._waiter: asyncio.Future[bool] | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self.last_active = 0.0
         self.next_seq = 0  # durable: the next log position to hand out
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.since_checkpoint = 0
@@ -195,7 +200,9 @@ class Activation:
             for rec in unfinished:
                 journal, attempts = journals[rec.id]
                 handler = d.handler(rec.target.rpartition(".")[2])
-                self.mailbox.append(_Pending(rec, handler, journal, attempts, None))
+                self.mailbox.append(
+                    _Pending(rec, handler, journal, attempts, None, rt._queue_waiter(rec.id))
+                )
         rt.stats.actors_recovered += 1
 
     def checkpoint_for(self, seq: int) -> Checkpoint | None:
@@ -233,23 +240,60 @@ class Activation:
                 raise
             log.error("actor %s/%s cannot start: %s", self.definition.name, self.key, exc)
             return
-        idle = self.rt.actor_idle_seconds
+        loop = asyncio.get_running_loop()
         while True:
             if not self.mailbox:
-                self.wakeup.clear()
-                try:
-                    await asyncio.wait_for(self.wakeup.wait(), idle)
-                except TimeoutError:
-                    if not self.mailbox and not self.sending:
-                        self.rt._forget_activation(self)
-                        return
+                # Wait on a bare future that post() resolves: a task and a
+                # timer per wait would cost more than a plain actor's message.
+                self.last_active = loop.time()
+                self._waiter = loop.create_future()
+                if self._idle_timer is None:
+                    self._arm_idle_timer(self.rt.actor_idle_seconds)
+                idle = await self._waiter
+                self._waiter = None
+                if idle:
+                    self.rt._forget_activation(self)
+                    return
                 continue
             item = self.mailbox.popleft()
             if isinstance(item, _Pending):
                 if not await self._handle_durable(item):
                     return
-            else:
-                await self._handle_plain(*item)
+                continue
+            handler, args, kwargs, future = item
+            ctx = self.plain_context
+            if ctx is None:
+                ctx = self.plain_context = self.rt._plain_context(self)
+            try:
+                value = await handler.method(self.instance, ctx, *args, **kwargs)
+            except Exception as exc:
+                if future is None:
+                    log.error(
+                        "actor %s/%s: a told message failed: %r",
+                        self.definition.name,
+                        self.key,
+                        exc,
+                    )
+                elif not future.done():
+                    future.set_exception(exc)
+                continue
+            if future is not None and not future.done():
+                future.set_result(value)
+
+    def _arm_idle_timer(self, delay: float) -> None:
+        self._idle_timer = asyncio.get_running_loop().call_later(delay, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """Deactivate if nothing arrived for the idle time; else look again later."""
+        self._idle_timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # busy: the next wait re-arms the timer
+        left = self.last_active + self.rt.actor_idle_seconds - asyncio.get_running_loop().time()
+        if left > 0 or self.sending or self.mailbox:
+            self._arm_idle_timer(max(left, 0.001))
+            return
+        waiter.set_result(True)
 
     async def _handle_durable(self, item: _Pending) -> bool:
         rt = self.rt
@@ -277,6 +321,7 @@ class Activation:
         for item in self.mailbox:
             if isinstance(item, _Pending):
                 self.rt._stopped[item.record.id] = reason
+                self.rt._settle_queued(item, Status.RUNNING, reason)
             else:
                 future = item[3]
                 if not future.done():
@@ -285,34 +330,11 @@ class Activation:
         self.rt._forget_activation(self)
         log.error("actor %s/%s stopped: %s", self.definition.name, self.key, reason)
 
-    # -- plain ---------------------------------------------------------------
-
-    async def _handle_plain(
-        self,
-        handler: Workflow[Any, Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        future: asyncio.Future[Any] | None,
-    ) -> None:
-        ctx = self.plain_context
-        if ctx is None:
-            ctx = self.plain_context = self.rt._plain_context(self)
-        try:
-            value = await handler.method(self.instance, ctx, *args, **kwargs)
-        except Exception as exc:
-            if future is not None and not future.done():
-                future.set_exception(exc)
-            elif future is None:
-                log.error(
-                    "actor %s/%s: a told message failed: %r", self.definition.name, self.key, exc
-                )
-            return
-        if future is not None and not future.done():
-            future.set_result(value)
-
     def post(self, item: Any) -> None:
         self.mailbox.append(item)
-        self.wakeup.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(False)
 
 
 @dataclasses.dataclass(slots=True)

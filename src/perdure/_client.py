@@ -188,6 +188,12 @@ class ActorRef:
         **kwargs: Any,
     ) -> Any:
         """Send a message and wait for the handler's reply."""
+        if not self._definition.durable:
+            reply = self._rt.post_plain(
+                self._definition, self.key, handler, args, kwargs, reply=True
+            )
+            assert reply is not None
+            return await reply
         sent = await self._rt.send_actor(
             self._definition,
             self.key,

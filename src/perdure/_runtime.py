@@ -145,6 +145,7 @@ class Runtime:
             self.register_actor(cls)
         self.actor_idle_seconds = actor_idle_seconds
         self._activations: dict[tuple[str, str], Activation] = {}
+        self._queued: dict[str, asyncio.Future[Outcome]] = {}
         # Set in a fork's sandbox runtime: what stops a step from running live.
         self._live_guard: LiveGuard | None = None
         self._tasks: dict[str, asyncio.Task[Outcome]] = {}
@@ -238,6 +239,9 @@ class Runtime:
         self._started = False
         tasks = [a.task for a in self._activations.values()] + list(self._tasks.values())
         self._activations.clear()
+        for waiter in self._queued.values():
+            waiter.cancel()
+        self._queued.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -403,14 +407,11 @@ class Runtime:
         false)."""
         from ._client import prepare_invocation
 
+        if not definition.durable:
+            return self.post_plain(definition, key, handler_name, args, kwargs, reply=reply)
         if not isinstance(key, str) or not key:
             raise TypeError(f"an actor key must be a non-empty string, not {key!r}")
         handler = definition.handler(handler_name)
-        if not definition.durable:
-            handler.check_arguments(args, kwargs)
-            future = asyncio.get_running_loop().create_future() if reply else None
-            self.activation(definition, key).post((handler, args, kwargs, future))
-            return future
         activation = self.activation(definition, key)
         activation.sending += 1
         try:
@@ -436,16 +437,52 @@ class Runtime:
                 )
             if created:
                 self.stats.invocations_started += 1
-                activation.post(_Pending(stored, handler, [entry], [], decoded))
+                activation.post(
+                    _Pending(stored, handler, [entry], [], decoded, self._queue_waiter(stored.id))
+                )
             return stored
         finally:
             activation.sending -= 1
+
+    def post_plain(
+        self,
+        definition: ActorDef,
+        key: str,
+        handler_name: str | Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        reply: bool,
+    ) -> asyncio.Future[Any] | None:
+        """Deliver a message to a plain actor: no store, no coroutine."""
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"an actor key must be a non-empty string, not {key!r}")
+        handler = definition.handler(handler_name)
+        handler.check_arguments(args, kwargs)
+        future = asyncio.get_running_loop().create_future() if reply else None
+        self.activation(definition, key).post((handler, args, kwargs, future))
+        return future
 
     async def _run_actor_message(self, activation: Activation, item: _Pending) -> Outcome:
         task = self._launch(
             item.record, item.handler, item.journal, item.attempts, item.decoded, activation
         )
-        return await task
+        outcome = await task
+        if not item.done.done():
+            item.done.set_result(outcome)
+        self._queued.pop(item.record.id, None)
+        return outcome
+
+    def _queue_waiter(self, invocation_id: str) -> asyncio.Future[Outcome]:
+        """A future of the outcome of a message waiting in a mailbox."""
+        done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._queued[invocation_id] = done
+        return done
+
+    def _settle_queued(self, item: _Pending, status: Status, error: BaseException) -> None:
+        if not item.done.done():
+            item.done.set_result(Outcome(status, error=error))
+        self._queued.pop(item.record.id, None)
 
     async def _replay_actor_message(
         self,
@@ -488,8 +525,9 @@ class Runtime:
     def _forget(self, invocation_id: str, _task: object) -> None:
         self._tasks.pop(invocation_id, None)
 
-    def running(self, invocation_id: str) -> asyncio.Task[Outcome] | None:
-        return self._tasks.get(invocation_id)
+    def running(self, invocation_id: str) -> asyncio.Future[Outcome] | None:
+        """What to await for an invocation running (or queued) in this process."""
+        return self._tasks.get(invocation_id) or self._queued.get(invocation_id)
 
     async def _execute(
         self,
