@@ -314,7 +314,14 @@ class Runtime:
             resumed += 1
         for actor_type, key in sorted(actors):
             activation = self.activation(self._actors[actor_type], key)
-            await asyncio.shield(activation.ready)
+            try:
+                await asyncio.shield(activation.ready)
+            except Exception as exc:
+                # This actor cannot resume (a handler was removed, a journal
+                # is unreadable): its messages stop, the runtime goes on.
+                for rec in records:
+                    if rec.actor_type == actor_type and rec.actor_key == key:
+                        self._suspended(rec, exc)
         self.stats.invocations_recovered += resumed
         self.stats.recovery_seconds = time.perf_counter() - began
         if resumed:
@@ -638,7 +645,17 @@ class Runtime:
                     checkpoint = activation.checkpoint_for(rec.actor_seq)
                 except SerializationError as exc:
                     log.error("actor state not checkpointed (recovery will replay): %s", exc)
-            await self.store.commit(Write(entries=(entry,), status=change, checkpoint=checkpoint))
+            retain = None
+            if checkpoint is not None and activation is not None:
+                retain = activation.definition.facet.retain_checkpoints  # type: ignore[union-attr]
+            await self.store.commit(
+                Write(
+                    entries=(entry,),
+                    status=change,
+                    checkpoint=checkpoint,
+                    retain_checkpoints=retain,
+                )
+            )
         except (StorageError, PerdureError) as exc:
             return self._suspended(rec, exc)
         fire(self.hooks.after_output, rec.id)

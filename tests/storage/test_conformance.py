@@ -552,7 +552,8 @@ async def test_actor_fields_round_trip(store: Store) -> None:
     assert got == rec
     assert got is not None
     assert type(got.actor_seq) is int
-    assert await store.find_invocation(rec.target, "idem-1") == rec
+    assert await store.find_invocation(rec.target, "idem-1", actor_key=rec.actor_key) == rec
+    assert await store.find_invocation(rec.target, "idem-1") is None  # keys are per actor
     assert await store.list_invocations() == [plain, rec]
     assert await store.list_invocations(target=rec.target) == [rec]
     assert plain.actor_type is plain.actor_key is plain.actor_seq is None

@@ -48,8 +48,9 @@ class Store(abc.ABC):
     ) -> tuple[InvocationRecord, bool]:
         """Record a new invocation and its input entry, atomically.
 
-        If ``invocation.idempotency_key`` is already used for the same target,
-        nothing is written and the existing record is returned with False.
+        If ``invocation.idempotency_key`` is already used for the same target
+        (and, for an actor message, the same actor key), nothing is written
+        and the existing record is returned with False.
         A taken invocation id, or a taken (actor type, actor key, actor seq),
         raises :class:`perdure.ConflictError`.
         """
@@ -61,7 +62,8 @@ class Store(abc.ABC):
         Raises :class:`perdure.ConflictError` if a journal index is already
         taken. An idempotent result whose (scope, key) is taken is ignored:
         the first one stored wins. A checkpoint replaces one with the same
-        (actor type, key, seq).
+        (actor type, key, seq); with ``retain_checkpoints`` set, only that many
+        of the actor's newest checkpoints are kept.
         """
 
     @abc.abstractmethod
@@ -69,8 +71,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def find_invocation(
-        self, target: str, idempotency_key: str
-    ) -> InvocationRecord | None: ...
+        self, target: str, idempotency_key: str, *, actor_key: str | None = None
+    ) -> InvocationRecord | None:
+        """The invocation started with this idempotency key (for an actor
+        message: sent to the actor with ``actor_key``)."""
 
     @abc.abstractmethod
     async def list_invocations(

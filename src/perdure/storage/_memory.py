@@ -29,7 +29,7 @@ class MemoryStore(Store):
         self._before_commit = before_commit
         self._open = False
         self._invocations: dict[str, InvocationRecord] = {}
-        self._by_key: dict[tuple[str, str], str] = {}
+        self._by_key: dict[tuple[str, str, str], str] = {}
         self._journal: dict[str, dict[int, JournalEntry]] = {}
         self._attempts: dict[str, list[Attempt]] = {}
         self._idempotent: dict[tuple[str, str], IdempotentResult] = {}
@@ -57,7 +57,9 @@ class MemoryStore(Store):
         self._check_open()
         actor = _actor_of(invocation)
         if invocation.idempotency_key is not None:
-            existing = self._by_key.get((invocation.target, invocation.idempotency_key))
+            existing = self._by_key.get(
+                (invocation.target, invocation.actor_key or "", invocation.idempotency_key)
+            )
             if existing is not None:
                 return self._invocations[existing], False
         if invocation.id in self._invocations:
@@ -72,7 +74,9 @@ class MemoryStore(Store):
         if actor is not None:
             self._actors.setdefault(actor[:2], {})[actor[2]] = invocation.id
         if invocation.idempotency_key is not None:
-            self._by_key[(invocation.target, invocation.idempotency_key)] = invocation.id
+            self._by_key[
+                (invocation.target, invocation.actor_key or "", invocation.idempotency_key)
+            ] = invocation.id
         self._journal[invocation.id] = {input_entry.index: input_entry}
         return invocation, True
 
@@ -115,15 +119,21 @@ class MemoryStore(Store):
             self._idempotent.setdefault((r.scope, r.key), r)
         c = write.checkpoint
         if c is not None:
-            self._checkpoints.setdefault((c.actor_type, c.actor_key), {})[c.seq] = c
+            kept = self._checkpoints.setdefault((c.actor_type, c.actor_key), {})
+            kept[c.seq] = c
+            if write.retain_checkpoints is not None:
+                for seq in sorted(kept, reverse=True)[write.retain_checkpoints :]:
+                    del kept[seq]
 
     async def get_invocation(self, invocation_id: str) -> InvocationRecord | None:
         self._check_open()
         return self._invocations.get(invocation_id)
 
-    async def find_invocation(self, target: str, idempotency_key: str) -> InvocationRecord | None:
+    async def find_invocation(
+        self, target: str, idempotency_key: str, *, actor_key: str | None = None
+    ) -> InvocationRecord | None:
         self._check_open()
-        found = self._by_key.get((target, idempotency_key))
+        found = self._by_key.get((target, actor_key or "", idempotency_key))
         return None if found is None else self._invocations[found]
 
     async def list_invocations(

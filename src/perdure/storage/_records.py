@@ -131,3 +131,5 @@ class Write(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     status: StatusChange | None = None
     idempotent: IdempotentResult | None = None
     checkpoint: Checkpoint | None = None
+    # With a checkpoint: keep only this many of the actor's newest checkpoints.
+    retain_checkpoints: int | None = None

@@ -96,6 +96,10 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE invocations ADD COLUMN actor_seq INTEGER;
     CREATE UNIQUE INDEX invocations_by_actor ON invocations (actor_type, actor_key, actor_seq)
         WHERE actor_type IS NOT NULL;
+    DROP INDEX invocations_by_key;
+    CREATE UNIQUE INDEX invocations_by_key
+        ON invocations (target, coalesce(actor_key, ''), idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
     CREATE TABLE checkpoints (
         actor_type TEXT NOT NULL,
         actor_key TEXT NOT NULL,
@@ -359,11 +363,13 @@ class SQLiteStore(Store):
         )
         return invocation_from_row(rows[0]) if rows else None
 
-    async def find_invocation(self, target: str, idempotency_key: str) -> InvocationRecord | None:
+    async def find_invocation(
+        self, target: str, idempotency_key: str, *, actor_key: str | None = None
+    ) -> InvocationRecord | None:
         rows = await self._read(
             f"SELECT {INVOCATION_COLUMNS} FROM invocations "
-            "WHERE target = ? AND idempotency_key = ?",
-            (target, idempotency_key),
+            "WHERE target = ? AND coalesce(actor_key, '') = ? AND idempotency_key = ?",
+            (target, actor_key or "", idempotency_key),
         )
         return invocation_from_row(rows[0]) if rows else None
 

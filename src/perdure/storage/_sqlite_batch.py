@@ -363,6 +363,7 @@ def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
     status_rows: list[tuple[Any, ...]] = []
     idempotent_rows: list[tuple[Any, ...]] = []
     checkpoint_rows: list[tuple[Any, ...]] = []
+    prune: list[tuple[str, str, int]] = []
     creates: list[tuple[int, InvocationRecord, JournalEntry]] = []
     for i, op in enumerate(batch):
         if op.create is not None:
@@ -384,6 +385,10 @@ def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
             )
         if w.checkpoint is not None:
             checkpoint_rows.append(checkpoint_row(w.checkpoint))
+            if w.retain_checkpoints is not None:
+                prune.append(
+                    (w.checkpoint.actor_type, w.checkpoint.actor_key, w.retain_checkpoints)
+                )
     if creates:
         _create_many(conn, creates, outcomes, journal_rows)
     if journal_rows:
@@ -413,6 +418,13 @@ def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
         # A later checkpoint of the same (actor, seq), in this batch or
         # before it, replaces the earlier one.
         _insert_many(conn, _INSERT_CHECKPOINT_HEAD, 8, checkpoint_rows)
+    for actor_type, actor_key, keep in prune:  # one per checkpoint: every N messages
+        conn.execute(
+            "DELETE FROM checkpoints WHERE actor_type = ? AND actor_key = ? AND seq NOT IN "
+            "(SELECT seq FROM checkpoints WHERE actor_type = ? AND actor_key = ? "
+            "ORDER BY seq DESC LIMIT ?)",
+            (actor_type, actor_key, actor_type, actor_key, keep),
+        )
     return outcomes
 
 
@@ -446,8 +458,8 @@ def _create_many(
         if inv.idempotency_key is not None:
             row = conn.execute(
                 f"SELECT {INVOCATION_COLUMNS} FROM invocations "
-                "WHERE target = ? AND idempotency_key = ?",
-                (inv.target, inv.idempotency_key),
+                "WHERE target = ? AND coalesce(actor_key, '') = ? AND idempotency_key = ?",
+                (inv.target, inv.actor_key or "", inv.idempotency_key),
             ).fetchone()
             existing = None if row is None else invocation_from_row(row)
         if existing is None:
