@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import msgspec
 
-from ._errors import ConfigurationError, PerdureError
+from ._errors import ConfigurationError, JournalDecodeError, PerdureError
 from ._workflow import Workflow
 from .storage._records import Checkpoint, InvocationRecord, Status
 
@@ -47,13 +47,20 @@ class DurabilityFacet:
     falls back to an older one if the newest is corrupt.
     ``state_version``: bump it when the state's shape changes incompatibly;
     a checkpoint of another version is not loaded (full replay instead).
+    ``compact_journal``: delete the journals of messages older than the
+    oldest retained checkpoint. Saves space; time travel then reaches back
+    only to that checkpoint, and if every retained checkpoint becomes
+    unreadable the state cannot be rebuilt (a clear error, not a wrong state).
     """
 
     checkpoint_every: int = 100
     retain_checkpoints: int = 2
     state_version: int = 1
+    compact_journal: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.compact_journal, bool):
+            raise ConfigurationError("DurabilityFacet.compact_journal must be a bool")
         for name in ("checkpoint_every", "retain_checkpoints", "state_version"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -397,6 +404,14 @@ async def rebuild(
     for rec in finished:
         handler = definition.handler(rec.target.rpartition(".")[2])
         journal, attempts = journals[rec.id]
+        if not journal:
+            raise JournalDecodeError(
+                rec.id,
+                0,
+                f"the journal of message {rec.actor_seq} of actor {definition.name}/{key} was "
+                "compacted (DurabilityFacet.compact_journal) and no readable checkpoint covers "
+                "it, so this state cannot be rebuilt",
+            )
         await rt._replay_actor_message(instance, handler, rec, journal, attempts)
         replayed += 1
     last = messages[-1].actor_seq if messages else start

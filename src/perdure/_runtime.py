@@ -645,15 +645,14 @@ class Runtime:
                     checkpoint = activation.checkpoint_for(rec.actor_seq)
                 except SerializationError as exc:
                     log.error("actor state not checkpointed (recovery will replay): %s", exc)
-            retain = None
-            if checkpoint is not None and activation is not None:
-                retain = activation.definition.facet.retain_checkpoints  # type: ignore[union-attr]
+            facet = None if checkpoint is None else activation.definition.facet  # type: ignore[union-attr]
             await self.store.commit(
                 Write(
                     entries=(entry,),
                     status=change,
                     checkpoint=checkpoint,
-                    retain_checkpoints=retain,
+                    retain_checkpoints=None if facet is None else facet.retain_checkpoints,
+                    compact_journal=facet is not None and facet.compact_journal,
                 )
             )
         except (StorageError, PerdureError) as exc:

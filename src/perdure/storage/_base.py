@@ -63,7 +63,10 @@ class Store(abc.ABC):
         taken. An idempotent result whose (scope, key) is taken is ignored:
         the first one stored wins. A checkpoint replaces one with the same
         (actor type, key, seq); with ``retain_checkpoints`` set, only that many
-        of the actor's newest checkpoints are kept.
+        of the actor's newest checkpoints are kept, and with
+        ``compact_journal`` the journals and attempts of the actor's messages
+        up to the oldest kept checkpoint are deleted (their invocation
+        records stay).
         """
 
     @abc.abstractmethod

@@ -124,6 +124,17 @@ class MemoryStore(Store):
             if write.retain_checkpoints is not None:
                 for seq in sorted(kept, reverse=True)[write.retain_checkpoints :]:
                     del kept[seq]
+                if write.compact_journal and kept:
+                    covered = min(kept)
+                    for rec in self._invocations.values():
+                        if (
+                            rec.actor_type == c.actor_type
+                            and rec.actor_key == c.actor_key
+                            and rec.actor_seq is not None
+                            and rec.actor_seq <= covered
+                        ):
+                            self._journal[rec.id] = {}
+                            self._attempts.pop(rec.id, None)
 
     async def get_invocation(self, invocation_id: str) -> InvocationRecord | None:
         self._check_open()

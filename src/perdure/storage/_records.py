@@ -131,5 +131,8 @@ class Write(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     status: StatusChange | None = None
     idempotent: IdempotentResult | None = None
     checkpoint: Checkpoint | None = None
-    # With a checkpoint: keep only this many of the actor's newest checkpoints.
+    # With a checkpoint: keep only this many of the actor's newest checkpoints,
+    # and with compact_journal, delete the journals (and failed attempts) of
+    # the actor's messages up to the oldest checkpoint kept.
     retain_checkpoints: int | None = None
+    compact_journal: bool = False

@@ -363,7 +363,7 @@ def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
     status_rows: list[tuple[Any, ...]] = []
     idempotent_rows: list[tuple[Any, ...]] = []
     checkpoint_rows: list[tuple[Any, ...]] = []
-    prune: list[tuple[str, str, int]] = []
+    prune: list[tuple[str, str, int, bool]] = []
     creates: list[tuple[int, InvocationRecord, JournalEntry]] = []
     for i, op in enumerate(batch):
         if op.create is not None:
@@ -387,7 +387,12 @@ def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
             checkpoint_rows.append(checkpoint_row(w.checkpoint))
             if w.retain_checkpoints is not None:
                 prune.append(
-                    (w.checkpoint.actor_type, w.checkpoint.actor_key, w.retain_checkpoints)
+                    (
+                        w.checkpoint.actor_type,
+                        w.checkpoint.actor_key,
+                        w.retain_checkpoints,
+                        w.compact_journal,
+                    )
                 )
     if creates:
         _create_many(conn, creates, outcomes, journal_rows)
@@ -418,13 +423,21 @@ def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
         # A later checkpoint of the same (actor, seq), in this batch or
         # before it, replaces the earlier one.
         _insert_many(conn, _INSERT_CHECKPOINT_HEAD, 8, checkpoint_rows)
-    for actor_type, actor_key, keep in prune:  # one per checkpoint: every N messages
+    for actor_type, actor_key, keep, compact in prune:  # one per checkpoint: every N messages
         conn.execute(
             "DELETE FROM checkpoints WHERE actor_type = ? AND actor_key = ? AND seq NOT IN "
             "(SELECT seq FROM checkpoints WHERE actor_type = ? AND actor_key = ? "
             "ORDER BY seq DESC LIMIT ?)",
             (actor_type, actor_key, actor_type, actor_key, keep),
         )
+        if compact:
+            covered = (
+                "SELECT id FROM invocations WHERE actor_type = ? AND actor_key = ? AND actor_seq "
+                "<= (SELECT min(seq) FROM checkpoints WHERE actor_type = ? AND actor_key = ?)"
+            )
+            ident = (actor_type, actor_key, actor_type, actor_key)
+            conn.execute(f"DELETE FROM journal WHERE invocation_id IN ({covered})", ident)
+            conn.execute(f"DELETE FROM attempts WHERE invocation_id IN ({covered})", ident)
     return outcomes
 
 
