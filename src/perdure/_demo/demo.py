@@ -12,7 +12,10 @@ SIGCONT, and it tries again a moment later). It then reads what the crash
 left behind, read-only, starts a second worker on the same directory, which
 resumes the unfinished invocations and re-submits the whole batch with
 ``idempotency_key=payment_id``, and checks the outcome against the store,
-the provider's and the ledger's files.
+the provider's and the ledger's files. Each payment also credits its
+customer's durable ``Account`` actor; worker 2 reports every account's
+state once the batch is done (the parent cannot open the store while a
+worker holds its lock), and the parent checks it against the batch.
 
 Figures, as the summary defines them:
 
@@ -27,6 +30,13 @@ Figures, as the summary defines them:
     steps that were running at the kill and had not committed, so ran
     again after the restart; ``committed_steps_rerun`` counts steps that
     had committed and still ran again, and must be 0;
+``actor_recovery_checkpoint_ms``, ``actor_recovery_full_ms``
+    each payment also credits its customer's durable ``Account`` actor; once
+    the batch is done, worker 2 rebuilds every account's state from its
+    latest checkpoint plus a replay of the messages after it, then by a full
+    replay of its message log, and these are the totals over the accounts
+    (fastest of a few runs each); ``actor_messages_replayed_checkpoint`` and
+    ``actor_messages_replayed_full`` count the messages each replayed;
 ``recovery_seconds``
     from the parent restarting the worker process (just before spawning
     it) until every invocation that was unfinished at the crash has
@@ -53,14 +63,43 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any
 
-from .worker import LEDGER_FILE, PROVIDER_FILE, STORE_FILE, payment_id
+from .report import NoProgress, PlainProgress, Progress, RichProgress, render
+from .worker import LEDGER_FILE, PROVIDER_FILE, STORE_FILE, make_payments, payment_id
+
+__all__ = [
+    "DemoError",
+    "DemoOptions",
+    "NoProgress",
+    "PlainProgress",
+    "Progress",
+    "RichProgress",
+    "Snapshot",
+    "WorkerRun",
+    "render",
+    "run_demo",
+    "summarize",
+]
 
 MARKER_FILE = ".perdure-demo"
-STEP_NAMES = ("validate", "charge", "record")
+ACTOR_TYPE = "Account"
+# The payment workflow's journaled steps; "account" is the step that asks
+# the customer's Account actor (journaled as "ask Account.add_payment <key>").
+STEP_NAMES = ("validate", "charge", "record", "account")
+_ASK_PREFIX = f"ask {ACTOR_TYPE}."
 # How far an invocation in flight had got: its last committed step.
-_PROGRESS = {"validate": "validated", "charge": "charged", "record": "recorded"}
+_PROGRESS = {
+    "validate": "validated",
+    "charge": "charged",
+    "record": "recorded",
+    "account": "credited",
+}
+
+
+def step_name(journaled: str) -> str:
+    """A journaled step's name, the Account step's without its actor key."""
+    return "account" if journaled.startswith(_ASK_PREFIX) else journaled
 
 
 class DemoError(Exception):
@@ -75,6 +114,9 @@ class DemoOptions:
     charge_latency_ms: float = 5.0
     kill_at: float = 0.4
     timeout: float = 120.0
+    # 200 payments over 12 accounts: 16 or 17 messages each, so every
+    # account has a checkpoint (every 10 messages) and messages after it.
+    customers: int = 12
 
     def kill_threshold(self) -> int:
         """Live step runs after which the first worker is killed (at the next
@@ -84,97 +126,6 @@ class DemoOptions:
         its first completion."""
         steps = len(STEP_NAMES) * self.payments
         return max(1, min(steps - 1, math.ceil(steps * self.kill_at)))
-
-
-# -- progress ----------------------------------------------------------------------
-
-
-class Progress(Protocol):
-    """Where the demo reports progress (stderr: stdout carries the summary)."""
-
-    def phase(self, description: str, completed: int) -> None: ...
-    def advance(self, completed: int) -> None: ...
-    def note(self, message: str) -> None: ...
-
-
-class NoProgress:
-    def phase(self, description: str, completed: int) -> None:
-        pass
-
-    def advance(self, completed: int) -> None:
-        pass
-
-    def note(self, message: str) -> None:
-        pass
-
-
-class PlainProgress:
-    """Progress as plain lines, for a stream that is not a terminal."""
-
-    def __init__(self, total: int, file: IO[str] | None = None, every: float = 0.1) -> None:
-        self._total = total
-        self._file = file
-        self._step = max(1, math.ceil(total * every))
-        self._description = ""
-        self._next = self._step
-
-    def _print(self, text: str) -> None:
-        print(f"perdure demo: {text}", file=self._file or sys.stderr, flush=True)
-
-    def phase(self, description: str, completed: int) -> None:
-        self._description = description
-        self._next = (completed // self._step + 1) * self._step
-        self._print(f"{description}: {completed}/{self._total} completed")
-
-    def advance(self, completed: int) -> None:
-        if completed >= self._next or completed == self._total:
-            self._print(f"{self._description}: {completed}/{self._total} completed")
-            self._next = (completed // self._step + 1) * self._step
-
-    def note(self, message: str) -> None:
-        self._print(message)
-
-
-class RichProgress:
-    """A rich progress bar; use as a context manager."""
-
-    def __init__(self, total: int, console: Any) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-        from rich.progress import Progress as Bar
-
-        self._bar = Bar(
-            TextColumn("{task.description:<20}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("payments completed"),
-            TimeElapsedColumn(),
-            console=console,
-            refresh_per_second=20,
-        )
-        self._task = self._bar.add_task("starting", total=total)
-
-    def __enter__(self) -> RichProgress:
-        self._bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._bar.stop()
-
-    def phase(self, description: str, completed: int) -> None:
-        self._bar.update(self._task, description=description, completed=completed)
-
-    def advance(self, completed: int) -> None:
-        self._bar.update(self._task, completed=completed)
-
-    def note(self, message: str) -> None:
-        from rich.markup import escape
-
-        self._bar.console.print(f"[dim]{escape(message)}[/dim]", highlight=False)
 
 
 # -- what the files say --------------------------------------------------------------
@@ -211,6 +162,13 @@ class Snapshot:
     ledger: dict[str, tuple[str, int]]
     # provider: payment id -> transaction id (one row per charge)
     transactions: list[tuple[str, str]]
+    # Account messages: invocation id -> (account key, position in the
+    # account's log, idempotency key = the asking step's key, status)
+    account_messages: dict[str, tuple[str, int, str | None, str]] = dataclasses.field(
+        default_factory=dict
+    )
+    # Account key -> checkpoints retained in the store
+    checkpoints: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def read(cls, directory: Path) -> Snapshot:
@@ -219,16 +177,22 @@ class Snapshot:
         ledger = directory / LEDGER_FILE
         steps: dict[str, dict[int, str]] = {}
         for inv, idx, name in _query(
-            store, "SELECT invocation_id, idx, name FROM journal WHERE kind = 'step'"
+            store,
+            "SELECT j.invocation_id, j.idx, j.name FROM journal j "
+            "JOIN invocations i ON i.id = j.invocation_id "
+            "WHERE j.kind = 'step' AND i.actor_type IS NULL",
         ):
-            steps.setdefault(inv, {})[idx] = name
+            steps.setdefault(inv, {})[idx] = step_name(name)
         charge_rows = _query(
             provider, "SELECT idempotency_key, payment_id, transaction_id FROM charges"
         )
         return cls(
             invocations={
                 i: (k, s)
-                for i, k, s in _query(store, "SELECT id, idempotency_key, status FROM invocations")
+                for i, k, s in _query(
+                    store,
+                    "SELECT id, idempotency_key, status FROM invocations WHERE actor_type IS NULL",
+                )
             },
             steps=steps,
             charges={key: pid for key, pid, _ in charge_rows},
@@ -240,6 +204,21 @@ class Snapshot:
                 )
             },
             transactions=[(pid, tx) for _, pid, tx in charge_rows],
+            account_messages={
+                i: (key, seq, k, s)
+                for i, key, seq, k, s in _query(
+                    store,
+                    "SELECT id, actor_key, actor_seq, idempotency_key, status FROM invocations "
+                    f"WHERE actor_type = '{ACTOR_TYPE}'",
+                )
+            },
+            checkpoints=dict(
+                _query(
+                    store,
+                    "SELECT actor_key, count(*) FROM checkpoints "
+                    f"WHERE actor_type = '{ACTOR_TYPE}' GROUP BY 1",
+                )
+            ),
         )
 
     def with_status(self, *statuses: str) -> list[str]:
@@ -248,13 +227,17 @@ class Snapshot:
     def step_keys(self) -> set[tuple[str, int]]:
         return {(inv, idx) for inv, entries in self.steps.items() for idx in entries}
 
-    def charge_step_keys(self) -> set[str]:
+    def step_keys_named(self, name: str) -> set[str]:
+        """The step keys (``invocation:index``) of the committed steps ``name``."""
         return {
             f"{inv}:{idx}"
             for inv, entries in self.steps.items()
-            for idx, name in entries.items()
-            if name == "charge"
+            for idx, step in entries.items()
+            if step == name
         }
+
+    def charge_step_keys(self) -> set[str]:
+        return self.step_keys_named("charge")
 
 
 # -- the worker processes -------------------------------------------------------------
@@ -319,7 +302,7 @@ def _kill_mid_flight(proc: subprocess.Popen[bytes], directory: Path) -> int:
             try:
                 in_flight = conn.execute(
                     "SELECT count(*) FROM invocations "
-                    "WHERE status IN ('pending', 'running', 'suspended')"
+                    "WHERE status IN ('pending', 'running', 'suspended') AND actor_type IS NULL"
                 ).fetchone()[0]
             finally:
                 conn.close()
@@ -350,6 +333,8 @@ def _run_worker(
         str(directory),
         "--payments",
         str(options.payments),
+        "--customers",
+        str(options.customers),
         "--concurrency",
         str(options.concurrency),
         "--charge-latency-ms",
@@ -386,7 +371,7 @@ def _run_worker(
     def handle(line: str) -> None:
         kind, _, rest = line.partition(" ")
         if kind == "S":
-            inv, idx, _name = rest.split(" ")
+            inv, idx, _name = rest.split(" ", 2)  # "ask Account.add_payment <key>"
             run.live_steps.append((inv, int(idx)))
             running.add(inv)
         elif kind == "D":
@@ -467,6 +452,8 @@ def run_demo(options: DemoOptions, progress: Progress | None = None) -> dict[str
     """Run the demo and return its summary (see :func:`summarize`)."""
     if options.payments < 2:
         raise DemoError("--payments must be at least 2 (the worker is killed mid-batch)")
+    if options.customers < 1:
+        raise DemoError("--customers must be at least 1")
     progress = progress or NoProgress()
     directory, temporary = prepare_directory(options.directory)
     began = time.monotonic()
@@ -475,7 +462,8 @@ def run_demo(options: DemoOptions, progress: Progress | None = None) -> dict[str
         first = WorkerRun(number=1)
         progress.phase("worker 1 running", 0)
         progress.note(
-            f"work directory {directory}; worker 1 processes {options.payments} payments, "
+            f"work directory {directory}; worker 1 processes {options.payments} payments "
+            f"of {min(options.customers, options.payments)} customers' accounts, "
             f"{options.concurrency} at a time; SIGKILL once {threshold} of their "
             f"{len(STEP_NAMES) * options.payments} steps have run"
         )
@@ -488,7 +476,10 @@ def run_demo(options: DemoOptions, progress: Progress | None = None) -> dict[str
             progress.note(
                 f"worker 1 (pid {first.pid}) killed by SIGKILL: {completed_at_crash} payments "
                 f"completed, {len(in_flight)} invocations in flight, "
-                f"{options.payments - len(crash.invocations)} not yet submitted"
+                f"{options.payments - len(crash.invocations)} not yet submitted; "
+                f"{len(crash.account_messages)} account messages, "
+                f"{sum(1 for m in crash.account_messages.values() if m[3] in _UNFINISHED)} "
+                "of them unfinished"
             )
         else:
             progress.note(
@@ -515,6 +506,14 @@ def run_demo(options: DemoOptions, progress: Progress | None = None) -> dict[str
                 f"completed {fin['recovery_seconds'] * 1000:.0f} ms after the restart; "
                 f"then {fin['created']} new payments and {fin['attached']} attached"
             )
+            accounts = second.events.get("accounts", {}).get("accounts", [])
+            if accounts:
+                progress.note(
+                    f"worker 2 rebuilt {len(accounts)} accounts: "
+                    f"{_ms_text(sum(a['rebuild_checkpoint_seconds'] for a in accounts))} from "
+                    "checkpoints + replay, "
+                    f"{_ms_text(sum(a['rebuild_full_seconds'] for a in accounts))} by full replay"
+                )
         final = Snapshot.read(directory)
         return summarize(
             options,
@@ -529,6 +528,13 @@ def run_demo(options: DemoOptions, progress: Progress | None = None) -> dict[str
     finally:
         if temporary:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+_UNFINISHED = ("pending", "running", "suspended")
+
+
+def _ms_text(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
 
 
 def _check_worker_started(run: WorkerRun) -> None:
@@ -589,6 +595,8 @@ def summarize(
     )
     keys = Counter(k for k, _ in final.invocations.values())
 
+    accounts, account_checks = _accounts(options, crash, final, second)
+
     completed = len(final.with_status("completed"))
     summary: dict[str, Any] = {
         "payments": payments,
@@ -623,6 +631,7 @@ def summarize(
         "steps_reexecuted": reexecuted,
         "committed_steps_rerun": committed_rerun,
         "steps_journaled": sum(len(v) for v in final.steps.values()),
+        "steps_per_payment": len(STEP_NAMES),
         "min_charges_per_key": min(charge_counts),
         "max_charges_per_key": max(charge_counts),
         "charges": len(final.charges),
@@ -632,6 +641,7 @@ def summarize(
         "ledger_rows": len(final.ledger),
         "max_ledger_writes_per_row": max((w for _, w in final.ledger.values()), default=0),
         "ledger_matches_provider": ledger_matches,
+        **accounts,
         "recovery_seconds": fin.get("recovery_seconds"),
         "runtime_recovery_seconds": resumed_event.get("runtime_recovery_seconds"),
         "worker_startup_seconds": fin.get("startup_seconds"),
@@ -662,11 +672,96 @@ def summarize(
         "one ledger row per payment, matching its charge": (
             summary["ledger_rows"] == payments and ledger_matches
         ),
+        **account_checks,
     }
     summary["checks"] = checks
     summary["ok"] = all(checks.values())
     summary["definitions"] = DEFINITIONS
     return summary
+
+
+def _accounts(
+    options: DemoOptions, crash: Snapshot, final: Snapshot, second: WorkerRun
+) -> tuple[dict[str, Any], dict[str, bool]]:
+    """The Account actors' figures and checks.
+
+    Expected: each customer's account holds the sum and the count of that
+    customer's payments, credited exactly once although the worker was
+    killed, and it took one account message per payment, keyed by the
+    payment's asking step (so that the re-run of a step cut off by the kill
+    attached to the message it had sent instead of sending another).
+    """
+    expected: dict[str, tuple[int, int]] = {}
+    for request in make_payments(options.payments, options.customers):
+        cents, count = expected.get(request.customer, (0, 0))
+        expected[request.customer] = (cents + request.amount_cents, count + 1)
+    reported: list[dict[str, Any]] = second.events.get("accounts", {}).get("accounts", [])
+    by_key = {a["key"]: a for a in reported}
+    accounts_correct = set(by_key) == set(expected) and all(
+        (a["paid_cents"], a["payments"]) == expected[key]
+        and a["messages"] == a["completed_messages"] == expected[key][1]
+        for key, a in by_key.items()
+    )
+
+    # The store's view: one message per payment, keyed by its "account" step.
+    messages = final.account_messages.values()
+    message_keys = Counter(k for _, _, k, _ in messages)
+    at_crash = crash.account_messages.values()
+    ask_journaled_at_crash = crash.step_keys_named("account")
+    stats: dict[str, Any] = second.events.get("finished", {}).get("stats", {})
+    resumed_event = second.events.get("resumed", {})
+
+    figures: dict[str, Any] = {
+        "customers": options.customers,
+        "accounts": len(reported),
+        "accounts_correct": accounts_correct,
+        "account_messages": len(final.account_messages),
+        "account_messages_completed": sum(1 for *_, s in messages if s == "completed"),
+        "max_account_messages_per_payment": max(message_keys.values(), default=0),
+        "account_checkpoints": sum(final.checkpoints.values()),
+        "account_messages_at_crash": len(crash.account_messages),
+        "account_messages_in_flight_at_crash": sum(1 for *_, s in at_crash if s in _UNFINISHED),
+        # The actor had handled the message, the asking step had not
+        # committed: its re-run after the restart must attach, not re-send.
+        "account_messages_handled_not_journaled_at_crash": sum(
+            1 for *_, k, s in at_crash if s == "completed" and k not in ask_journaled_at_crash
+        ),
+        "account_messages_resumed": resumed_event.get("unfinished_account_messages"),
+        "actors_recovered_at_restart": resumed_event.get("actors_recovered"),
+        "actors_recovered": stats.get("actors_recovered"),
+        "actor_recovery_checkpoint_ms": sum(a["rebuild_checkpoint_seconds"] for a in reported)
+        * 1000,
+        "actor_recovery_full_ms": sum(a["rebuild_full_seconds"] for a in reported) * 1000,
+        "actor_messages_replayed_checkpoint": sum(a["replayed_checkpoint"] for a in reported),
+        "actor_messages_replayed_full": sum(a["replayed_full"] for a in reported),
+        "account_states": {
+            a["key"]: {
+                "paid_cents": a["paid_cents"],
+                "payments": a["payments"],
+                "expected_cents": expected.get(a["key"], (None, None))[0],
+                "expected_payments": expected.get(a["key"], (None, None))[1],
+                "messages": a["messages"],
+                "checkpoint_seq": a["checkpoint_seq"],
+                "replayed_checkpoint": a["replayed_checkpoint"],
+                "replayed_full": a["replayed_full"],
+            }
+            for a in reported
+        },
+    }
+    checks = {
+        "every account's balance equals its payments": accounts_correct,
+        "one account message per payment, keyed by its step": (
+            len(final.account_messages) == options.payments
+            and set(message_keys) == final.step_keys_named("account")
+            and figures["max_account_messages_per_payment"] == 1
+        ),
+        "checkpoint + replay rebuilds the state a full replay does": bool(reported)
+        and all(
+            a["same_state"] and a["replayed_checkpoint"] <= a["replayed_full"] == a["messages"]
+            for a in reported
+        ),
+    }
+    return figures, checks
 
 
 DEFINITIONS = {
@@ -686,131 +781,20 @@ DEFINITIONS = {
     "invocations and relaunching them",
     "in_flight_at_crash": "invocations recorded in the store and not finished when the worker "
     "was killed",
+    "accounts_correct": "every customer's Account actor holds the sum and the count of that "
+    "customer's payments (read by worker 2 once the batch is done)",
+    "account_messages": "messages to the Account actors in the store (invocations of "
+    "Account.add_payment), counted apart from the payments' invocations",
+    "account_messages_handled_not_journaled_at_crash": "messages the actor had handled when "
+    "the worker was killed while the payment's asking step had not committed",
+    "actors_recovered": "Account activations in worker 2 (each rebuilds its state from the "
+    "store); actors_recovered_at_restart: those activated by Runtime.recover() to resume "
+    "messages in flight",
+    "actor_recovery_checkpoint_ms": "time to rebuild every account's state from its latest "
+    "checkpoint plus the messages after it, summed over the accounts (fastest of 3 runs each)",
+    "actor_recovery_full_ms": "the same by replaying every message, without checkpoints",
+    "actor_messages_replayed_checkpoint": "messages replayed by the rebuilds from checkpoints; "
+    "actor_messages_replayed_full: by the full replays",
     "sigstop_checks": "times the parent froze worker 1 (SIGSTOP) to check that payments were "
     "mid-way before the SIGKILL; it resumes it (SIGCONT) when none is",
 }
-
-
-# -- output ----------------------------------------------------------------------------
-
-
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
-
-
-def render(summary: dict[str, Any], file: IO[str] | None = None) -> None:
-    """Print the summary as a rich table, then the checks."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(file=file, highlight=False)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(file=file, highlight=False, width=110)
-    s = summary
-    table = Table(
-        title="Perdure payment demo: worker killed with SIGKILL mid-batch, then restarted",
-        title_justify="left",
-        show_header=False,
-        box=None,
-        padding=(0, 2),
-    )
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column(justify="right", no_wrap=True)
-    table.add_column(style="dim")
-
-    def section(name: str) -> None:
-        table.add_row(f"[cyan]{name}[/cyan]", "", "")
-
-    section("batch")
-    table.add_row("payments", str(s["payments"]), f"at most {s['concurrency']} in flight")
-    table.add_row(
-        "completed", str(s["completed"]), f"{s['failed']} failed, {s['unfinished']} unfinished"
-    )
-    section("crash")
-    table.add_row(
-        "worker 1 killed",
-        "yes" if s["crashed"] else "NO",
-        f"pid {s['worker1_pid']}, returncode {s['worker1_returncode']}; "
-        "frozen mid-way by SIGSTOP first",
-    )
-    table.add_row("completed at the crash", str(s["completed_at_crash"]), "durable in the store")
-    by_progress = ", ".join(f"{n} {k}" for k, n in s["in_flight_at_crash_by_progress"].items())
-    table.add_row("in flight at the crash", str(s["in_flight_at_crash"]), by_progress)
-    table.add_row("not yet submitted", str(s["not_submitted_at_crash"]), "")
-    table.add_row(
-        "charged, not journaled",
-        str(s["charged_but_not_journaled_at_crash"]),
-        "the provider had charged; the charge step had not committed",
-    )
-    section("recovery")
-    table.add_row(
-        "resumed invocations",
-        str(s["resumed"]),
-        f"then {s['new_after_restart']} new payments; {s['attached_after_restart']} "
-        "re-submissions attached by key",
-    )
-    table.add_row(
-        "time to recover",
-        _ms(s["recovery_seconds"]),
-        "worker restart -> every payment in flight at the crash completed",
-    )
-    table.add_row("  process start", _ms(s["worker_startup_seconds"]), "1. interpreter and imports")
-    table.add_row("  store open", _ms(s["store_open_seconds"]), "2. Runtime.start()")
-    table.add_row(
-        "  resume and finish",
-        _ms(s["resume_seconds"]),
-        f"3. incl. stats.recovery_seconds {_ms(s['runtime_recovery_seconds'])}: find, relaunch",
-    )
-    section("steps")
-    table.add_row(
-        "executed",
-        str(s["steps_executed"]),
-        f"live step runs: worker 1 {s['steps_executed_worker1']}, "
-        f"worker 2 {s['steps_executed_worker2']}",
-    )
-    table.add_row(
-        "replayed from the journal",
-        str(s["steps_replayed"]),
-        f"by worker 2, not run again ({s['steps_replayable_at_crash']} were journaled for them)",
-    )
-    table.add_row(
-        "re-executed",
-        str(s["steps_reexecuted"]),
-        "were running at the kill, not committed: ran again",
-    )
-    table.add_row("committed, run again", str(s["committed_steps_rerun"]), "must be 0")
-    table.add_row("journaled", str(s["steps_journaled"]), "3 per payment")
-    section("effects")
-    table.add_row(
-        "charges per payment",
-        f"{s['min_charges_per_key']}..{s['max_charges_per_key']}",
-        f"min..max; {s['charges']} charges in all",
-    )
-    table.add_row(
-        "provider calls per key",
-        f"max {s['max_provider_calls_per_key']}",
-        f"{s['provider_calls']} calls, {s['provider_calls_deduplicated']} repeats "
-        "deduplicated by the step key",
-    )
-    table.add_row(
-        "ledger rows",
-        str(s["ledger_rows"]),
-        ("match the provider's charges" if s["ledger_matches_provider"] else "DO NOT MATCH")
-        + f"; max {s['max_ledger_writes_per_row']} writes per row (upsert)",
-    )
-    table.add_row("total time", _ms(s["total_seconds"]), "both workers and the checks")
-    console.print(table)
-    console.print()
-    for name, ok in s["checks"].items():
-        mark = "[green]✓[/green]" if ok else "[bold red]✗[/bold red]"
-        console.print(f"  {mark} {name}")
-    console.print()
-    if s["ok"]:
-        console.print(
-            f"[bold green]OK[/bold green]: all {s['payments']} payments completed, each charged "
-            "exactly once, although the worker was killed mid-batch."
-        )
-    else:
-        console.print("[bold red]FAILED[/bold red]: an invariant does not hold (see above).")
-    if s["directory"]:
-        console.print(f"[dim]files kept in {s['directory']}[/dim]")
