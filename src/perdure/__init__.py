@@ -18,10 +18,17 @@ from ._client import InvocationHandle as InvocationHandle
 from ._context import Context as Context
 from ._context import current_context as current_context
 from ._context import current_step as current_step
+from ._durable import ChildHandle as ChildHandle
+from ._durable import DurableFuture as DurableFuture
+from ._durable import DurablePromise as DurablePromise
+from ._durable import SignalWait as SignalWait
+from ._durable import Timer as Timer
+from ._errors import Cancelled as Cancelled
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import ConflictError as ConflictError
 from ._errors import ForkStoppedError as ForkStoppedError
 from ._errors import IdempotencyConflictError as IdempotencyConflictError
+from ._errors import InvocationCancelledError as InvocationCancelledError
 from ._errors import InvocationFailedError as InvocationFailedError
 from ._errors import InvocationStoppedError as InvocationStoppedError
 from ._errors import JournalDecodeError as JournalDecodeError
@@ -41,6 +48,7 @@ from ._hooks import StepInfo as StepInfo
 from ._retry import RetryPolicy as RetryPolicy
 from ._runtime import Runtime as Runtime
 from ._runtime import RuntimeStats as RuntimeStats
+from ._saga import Saga as Saga
 from ._sync import SyncHandle as SyncHandle
 from ._sync import SyncRuntime as SyncRuntime
 from ._workflow import Workflow as Workflow
@@ -52,14 +60,19 @@ __version__ = "0.1.0"
 __all__ = [
     "Actor",
     "ActorRef",
+    "Cancelled",
+    "ChildHandle",
     "Client",
     "ConfigurationError",
     "ConflictError",
     "Context",
     "DurabilityFacet",
+    "DurableFuture",
+    "DurablePromise",
     "ForkResult",
     "ForkStoppedError",
     "IdempotencyConflictError",
+    "InvocationCancelledError",
     "InvocationFailedError",
     "InvocationHandle",
     "InvocationStoppedError",
@@ -72,7 +85,9 @@ __all__ = [
     "Runtime",
     "RuntimeLockedError",
     "RuntimeStats",
+    "Saga",
     "SerializationError",
+    "SignalWait",
     "Status",
     "StepFailedError",
     "StepInfo",
@@ -81,6 +96,7 @@ __all__ = [
     "SyncHandle",
     "SyncRuntime",
     "TerminalError",
+    "Timer",
     "UnknownWorkflowError",
     "Workflow",
     "current_context",

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import msgspec
 
 from ._errors import (
     ConfigurationError,
+    InvocationCancelledError,
     InvocationFailedError,
     InvocationStoppedError,
     JournalDecodeError,
@@ -38,6 +40,8 @@ def prepare_invocation(
     invocation_id: str | None,
     *,
     actor: tuple[str, str, int] | None = None,
+    parent_id: str | None = None,
+    deadline: float | None = None,
 ) -> tuple[InvocationRecord, JournalEntry, tuple[list[Any], dict[str, Any]]]:
     """Check and encode a new invocation; nothing is written yet."""
     if idempotency_key is not None and (
@@ -67,6 +71,8 @@ def prepare_invocation(
         actor_type=None if actor is None else actor[0],
         actor_key=None if actor is None else actor[1],
         actor_seq=None if actor is None else actor[2],
+        parent_id=parent_id,
+        deadline=deadline,
     )
     entry = JournalEntry(
         invocation_id=rec.id,
@@ -80,6 +86,16 @@ def prepare_invocation(
         created_at=now,
     )
     return rec, entry, decoded
+
+
+def _parked(task: asyncio.Future[Any]) -> bool:
+    """The run that ``task`` was ended by parking (its invocation is suspended)."""
+    return (
+        task.done()
+        and not task.cancelled()
+        and task.exception() is None
+        and task.result().status is Status.SUSPENDED
+    )
 
 
 class InvocationHandle(Generic[R]):
@@ -110,8 +126,10 @@ class InvocationHandle(Generic[R]):
         (non-determinism, storage failure): it resumes on the next start.
         """
         async with asyncio.timeout(timeout):
-            task = self._rt.running(self.id)
-            if task is not None:
+            while True:
+                task = self._rt.running(self.id)
+                if task is None or _parked(task):
+                    return await self._result_from_store()
                 try:
                     outcome = await asyncio.shield(task)
                 except asyncio.CancelledError:
@@ -119,14 +137,46 @@ class InvocationHandle(Generic[R]):
                     if task.cancelled() and not (current and current.cancelling()):
                         raise InvocationStoppedError(self.id, None) from None
                     raise
+                if outcome.status is Status.SUSPENDED:
+                    continue  # parked: wait for it to resume and finish
                 if outcome.status is Status.COMPLETED:
                     value: R = outcome.value
                     return value
                 assert outcome.error is not None
                 if outcome.status is Status.FAILED:
                     raise InvocationFailedError(self.id, self.target, outcome.error)
+                if outcome.status is Status.CANCELLED:
+                    raise outcome.error
                 raise InvocationStoppedError(self.id, outcome.error)
-            return await self._result_from_store()
+
+    async def cancel(self, reason: str = "cancelled") -> None:
+        """Cancel the invocation: :class:`perdure.Cancelled` is raised inside
+        it at its next durable point (its ``finally`` blocks and compensations
+        run) and its children are cancelled too. Asking again while it winds
+        down changes nothing; a finished invocation raises ConflictError."""
+        await self._rt.cancel(self.id, reason)
+
+    async def signal(self, name: str, value: Any = None) -> None:
+        """Send the signal ``name`` with ``value``; the invocation receives it
+        with ``await ctx.signal(name)``. Signals of one name arrive in order;
+        a signal sent before the invocation waits for it is kept."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a signal name must be a non-empty string, not {name!r}")
+        payload, tag = self._rt.codec.encode(value, f"signal {name!r} to invocation {self.id}")
+        await self._rt.send_signal(self.id, name, payload, tag)
+
+    async def query(self, name: str, *, type: Any = None) -> Any:
+        """The latest value the invocation published with ``ctx.publish(name, ...)``."""
+        if await self._rt.store.get_invocation(self.id) is None:
+            raise NotFoundError(f"invocation {self.id} does not exist")
+        journal = await self._rt.store.read_journal(self.id)
+        for entry in reversed(journal):
+            if entry.kind is EntryKind.PUBLISH and entry.name == name:
+                try:
+                    return self._rt.codec.decode(entry.payload, entry.type_tag, type)
+                except (ValueError, TypeError, AttributeError, ImportError) as exc:
+                    raise JournalDecodeError(self.id, entry.index, str(exc)) from None
+        raise NotFoundError(f"invocation {self.id} has published nothing named {name!r}")
 
     async def _result_from_store(self) -> R:
         store = self._rt.store
@@ -138,18 +188,31 @@ class InvocationHandle(Generic[R]):
             if rec.status.finished:
                 break
             task = self._rt.running(self.id)
-            if task is not None:  # it was resumed meanwhile
+            if task is not None and not _parked(task):  # it was resumed meanwhile
                 return await self.result()
             reason = self._rt.stopped_reason(self.id)
             if reason is not None:
                 raise InvocationStoppedError(self.id, reason)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.25)
+            # Parked here: it finishes in this process, which tells the waiter.
+            # The poll is for an invocation that another process runs.
+            waiter = self._rt.finish_waiter(self.id)
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), delay)
+            except TimeoutError:
+                pass
+            finally:
+                waiter.cancel()
+            delay = min(delay * 2, 1.0)
         journal = await store.read_journal(self.id)
         output = journal[-1] if journal and journal[-1].kind is EntryKind.OUTPUT else None
         if output is None:
             raise JournalDecodeError(self.id, len(journal), "the finished invocation has no output")
         codec = self._rt.codec
+        if rec.status is Status.CANCELLED:
+            summary = codec.error_summary(output.payload)
+            raise InvocationCancelledError(
+                self.id, self.target, str(summary.get("message", "cancelled"))
+            )
         if not output.ok:
             raise InvocationFailedError(self.id, self.target, codec.decode_error(output.payload))
         wf = self._rt.workflows.get(rec.target)
@@ -284,6 +347,27 @@ class Client:
 
         return await fork(self._rt, invocation_id, upto=upto, live=live)
 
+    async def resolve_promise(self, promise_id: str, value: Any = None) -> None:
+        """Resolve a durable promise (``ctx.promise()``'s ``p.id``) with ``value``.
+
+        The workflow waiting for it resumes, also if it was resolved while no
+        process ran it. An unknown promise raises NotFoundError, one already
+        settled ConflictError: a promise settles once.
+        """
+        payload, tag = self._rt.codec.encode(value, f"value of promise {promise_id}")
+        await self._rt.settle_promise(promise_id, True, payload, tag)
+
+    async def reject_promise(self, promise_id: str, message: str) -> None:
+        """Reject a durable promise: its ``await`` raises ``TerminalError(message)``."""
+        from ._errors import TerminalError
+
+        payload = self._rt.codec.encode_error(TerminalError(message))
+        await self._rt.settle_promise(promise_id, False, payload, None)
+
+    async def cancel(self, invocation_id: str, reason: str = "cancelled") -> None:
+        """Cancel an invocation; see :meth:`InvocationHandle.cancel`."""
+        await self._rt.cancel(invocation_id, reason)
+
     async def journal(self, invocation_id: str) -> list[JournalEntry]:
         """An invocation's journal, entry by entry (time travel)."""
         if await self._rt.store.get_invocation(invocation_id) is None:
@@ -305,6 +389,7 @@ class Client:
         *args: Any,
         idempotency_key: str | None = None,
         invocation_id: str | None = None,
+        timeout: timedelta | None = None,
         **kwargs: Any,
     ) -> InvocationHandle[R]: ...
 
@@ -316,6 +401,7 @@ class Client:
         *args: Any,
         idempotency_key: str | None = None,
         invocation_id: str | None = None,
+        timeout: timedelta | None = None,
         **kwargs: Any,
     ) -> InvocationHandle[Any]: ...
 
@@ -326,6 +412,7 @@ class Client:
         *args: Any,
         idempotency_key: str | None = None,
         invocation_id: str | None = None,
+        timeout: timedelta | None = None,
         **kwargs: Any,
     ) -> InvocationHandle[Any]:
         """Start ``workflow(*args, **kwargs)`` durably and return its handle.
@@ -333,10 +420,17 @@ class Client:
         Returns once the invocation is recorded. With ``idempotency_key``, a
         second start with the same key (concurrent or later) attaches to the
         first invocation instead of starting another; the same key with a
-        different input raises :class:`IdempotencyConflictError`.
+        different input raises :class:`IdempotencyConflictError`. With
+        ``timeout``, the invocation is cancelled if it has not finished by
+        then (its children inherit the deadline).
         """
         rec, _ = await self._rt.submit(
-            workflow, args, kwargs, idempotency_key=idempotency_key, invocation_id=invocation_id
+            workflow,
+            args,
+            kwargs,
+            idempotency_key=idempotency_key,
+            invocation_id=invocation_id,
+            timeout=timeout,
         )
         return InvocationHandle(self._rt, rec.id, rec.target)
 

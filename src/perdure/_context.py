@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import inspect
 import random
 import uuid
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, overload
 
+from ._durable import ChildHandle, DurableFuture, DurablePromise, SignalWait, Timer
 from ._errors import (
+    Cancelled,
     ConfigurationError,
     ConflictError,
     JournalDecodeError,
     NonDeterminismError,
+    Parked,
     PerdureError,
     SerializationError,
     StorageError,
@@ -23,7 +27,7 @@ from ._errors import (
     TerminalError,
 )
 from ._hooks import StepInfo, fire
-from ._journal import Replay
+from ._journal import Replay, describe
 from ._retry import NO_RETRY, RetryPolicy
 from ._serde import is_coroutine_function, return_hint
 from .storage._records import (
@@ -37,6 +41,7 @@ from .storage._records import (
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
+    from ._saga import Saga
 
 T = TypeVar("T")
 
@@ -53,6 +58,37 @@ def completed_message_guard(invocation_id: str, index: int, name: str) -> BaseEx
     return NonDeterminismError(
         invocation_id, index, "no entry (the message completed)", f"step {name!r}"
     )
+
+
+def _seconds(value: timedelta | float, what: str) -> float:
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise TypeError(f"{what} must be a timedelta or a number of seconds, not {value!r}")
+    if not seconds >= 0:  # also refuses NaN
+        raise ValueError(f"{what} must not be negative, not {value!r}")
+    return seconds
+
+
+def _with_timeout(rt: Runtime, name: str, fn: Callable[..., Any], seconds: float) -> Any:
+    """``fn`` as an async function whose every call fails after ``seconds``."""
+    is_async = is_coroutine_function(fn)
+
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        try:
+            if is_async:
+                async with asyncio.timeout(seconds):
+                    return await fn(*args, **kwargs)
+            ctx = contextvars.copy_context()
+            future = rt.pool.submit(functools.partial(ctx.run, fn, *args, **kwargs))
+            return await asyncio.wait_for(asyncio.shield(future), seconds)
+        except TimeoutError:
+            raise TimeoutError(f"step {name!r} did not finish within {seconds:g}s") from None
+
+    timed.__annotations__ = {"return": return_hint(fn)}
+    return timed
 
 
 _current_step: contextvars.ContextVar[StepInfo] = contextvars.ContextVar("perdure_step")
@@ -91,11 +127,20 @@ class Context:
     """
 
     __slots__ = (
+        "_cancel",
+        "_cancel_delivered",
+        "_children",
+        "_closing",
+        "_deadline",
         "_live_guard",
         "_now",
         "_random",
         "_replay",
         "_rt",
+        "_signals_taken",
+        "_unflushed",
+        "_woken",
+        "can_park",
         "invocation_id",
         "key",
         "workflow_name",
@@ -111,6 +156,9 @@ class Context:
         *,
         key: str | None = None,
         live_guard: LiveGuard | None = None,
+        deadline: float | None = None,
+        cancel_reason: str | None = None,
+        can_park: bool = True,
     ) -> None:
         self._rt = runtime
         self.key = key
@@ -121,6 +169,16 @@ class Context:
         self._replay = replay
         self._now = started_at
         self._random: random.Random | None = None
+        self._deadline = deadline
+        self._cancel = cancel_reason
+        self._cancel_delivered = False
+        self._children: list[str] = []
+        self._closing: BaseException | None = None
+        self._signals_taken: dict[str, int] = {}
+        self._unflushed: list[DurableFuture[Any]] = []
+        self._woken: asyncio.Event | None = None
+        self.can_park = can_park
+        """False in an actor handler: its waits hold the mailbox, in memory."""
 
     @property
     def replaying(self) -> bool:
@@ -153,30 +211,371 @@ class Context:
         """Address an actor from this handler; see :class:`CallableActor`."""
         return CallableActor(self, self._rt.actor(actor_type), key)
 
-    async def call(self, workflow: Any, /, *args: Any, **kwargs: Any) -> Any:
-        """Run a child workflow and return its result, as one journaled step.
+    def start(
+        self, workflow: Any, /, *args: Any, timeout: timedelta | None = None, **kwargs: Any
+    ) -> ChildHandle[Any]:
+        """Start a child workflow; await the handle (or gather it) for its result.
 
-        The child's idempotency key is this step's key: a replayed or retried
-        caller attaches to the same child instead of starting another.
+        The child's id is ``<this invocation's id>:<journal index>``, the same
+        on every replay, so a replayed parent attaches to the child it started
+        instead of starting another. A cancelled parent cancels its children;
+        the child's deadline is the sooner of ``timeout`` and the parent's.
         """
+        from ._client import prepare_invocation
+
         wf = self._rt.workflow(workflow)
+        index, entry, _ = self._take(EntryKind.CALL, wf.name)
+        child_id = f"{self.invocation_id}:{index}"
+        prepared = None
+        if entry is None:
+            deadline = self._deadline
+            if timeout is not None:
+                own = self._rt.clock.now() + _seconds(timeout, "timeout")
+                deadline = own if deadline is None else min(deadline, own)
+            prepared = prepare_invocation(
+                self._rt,
+                wf,
+                args,
+                kwargs,
+                child_id,
+                child_id,
+                parent_id=self.invocation_id,
+                deadline=deadline,
+            )
+        handle: ChildHandle[Any] = ChildHandle(self, index, wf, prepared, entry is not None)
+        if entry is None:
+            self._unflushed.append(handle)
+        self._children.append(child_id)
+        return handle
 
-        async def call_child() -> Any:
-            rec, _ = await self._rt.submit(wf, args, kwargs, idempotency_key=current_step().key)
-            return await self._rt.client_handle(rec).result()
+    async def call(
+        self, workflow: Any, /, *args: Any, timeout: timedelta | None = None, **kwargs: Any
+    ) -> Any:
+        """Run a child workflow and return its result (``await ctx.start(...)``).
 
-        call_child.__annotations__ = {"return": wf.return_hint}
-        return await self.run(f"call {wf.name}", call_child, retry=_ONCE)
+        A child that fails raises :class:`InvocationFailedError` here, with
+        the child's error as its cause.
+        """
+        return await self.start(workflow, *args, timeout=timeout, **kwargs)
 
-    async def start(self, workflow: Any, /, *args: Any, **kwargs: Any) -> str:
-        """Start a child workflow without waiting; return its invocation id."""
-        wf = self._rt.workflow(workflow)
+    # -- durable waits ---------------------------------------------------------------
 
-        async def start_child() -> str:
-            rec, _ = await self._rt.submit(wf, args, kwargs, idempotency_key=current_step().key)
-            return rec.id
+    def sleep(self, delay: timedelta | float) -> Timer:
+        """A durable timer: ``await ctx.sleep(timedelta(days=7))``.
 
-        return await self.run(f"start {wf.name}", start_child, retry=_ONCE)
+        The wake-up time is journaled. A long sleep parks the invocation (no
+        task, no memory, only a row) and it resumes on time, also across a
+        restart; one that came due while the process was down fires at once.
+        """
+        return self._timer(self._rt.clock.now() + _seconds(delay, "delay"))
+
+    def sleep_until(self, when: datetime) -> Timer:
+        """A durable timer that fires at ``when`` (an aware datetime)."""
+        if not isinstance(when, datetime) or when.tzinfo is None:
+            raise TypeError(f"sleep_until needs a timezone-aware datetime, not {when!r}")
+        return self._timer(when.timestamp())
+
+    def _timer(self, when: float) -> Timer:
+        index, entry, _ = self._take(EntryKind.TIMER, "sleep")
+        if entry is not None:
+            try:
+                when = float(self._rt.codec.decode(entry.payload, None))
+            except (ValueError, TypeError) as exc:
+                raise Suspended(JournalDecodeError(self.invocation_id, index, str(exc))) from None
+        timer = Timer(self, index, when, entry is not None)
+        if entry is None:
+            self._unflushed.append(timer)
+        return timer
+
+    def promise(self, name: str = "promise", *, type: Any = None) -> DurablePromise[Any]:
+        """A durable promise: hand ``p.id`` out, then ``await p`` for the value
+        that ``client.resolve_promise(p.id, value)`` gives it (``type``: what
+        to decode the value as). A rejected promise raises its error here."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a promise name must be a non-empty string, not {name!r}")
+        index, entry, _ = self._take(EntryKind.PROMISE, name)
+        promise: DurablePromise[Any] = DurablePromise(self, index, name, type, entry is not None)
+        if entry is None:
+            self._unflushed.append(promise)
+        return promise
+
+    def signal(self, name: str, *, type: Any = None) -> SignalWait[Any]:
+        """The next signal named ``name`` sent to this invocation
+        (``handle.signal(name, value)``); await it for the value."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a signal name must be a non-empty string, not {name!r}")
+        index, entry, _ = self._take(EntryKind.SIGNAL, name)
+        wait: SignalWait[Any] = SignalWait(self, index, name, type, entry is not None)
+        if entry is None:
+            self._unflushed.append(wait)
+        return wait
+
+    async def gather(self, *futures: DurableFuture[Any]) -> list[Any]:
+        """Wait for every future; their results in argument order. The first
+        failure observed is raised (the others keep running)."""
+        self._check_futures(futures)
+        await self._wait(futures, first=False)
+        return [f.result() for f in futures]
+
+    async def select(self, *futures: DurableFuture[Any]) -> tuple[int, Any]:
+        """Wait for the first future to finish: ``(its position, its result)``.
+
+        >>> i, value = await ctx.select(ctx.promise("approval"), ctx.sleep(timedelta(hours=1)))
+        """
+        self._check_futures(futures)
+        if not futures:
+            raise ValueError("ctx.select needs at least one durable future")
+        winner = await self._wait(futures, first=True)
+        assert winner is not None
+        return futures.index(winner), winner.result()
+
+    async def publish(self, name: str, value: Any) -> None:
+        """Publish a value that ``handle.query(name)`` reads (the latest wins)."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a query name must be a non-empty string, not {name!r}")
+        index, entry, _ = self._take(EntryKind.PUBLISH, name)
+        if entry is not None:
+            self._now = entry.created_at
+            return
+        await self._before_live()
+        what = f"published value {name!r} of invocation {self.invocation_id}"
+        payload, tag = self._rt.codec.encode(value, what)
+        now = self._rt.clock.now()
+        await self._commit(
+            Write(entries=(self._entry(index, EntryKind.PUBLISH, name, payload, tag, now),))
+        )
+        self._now = now
+
+    def saga(self) -> Saga:
+        """Compensations that undo this workflow's steps if it fails; see :class:`Saga`."""
+        from ._saga import Saga
+
+        return Saga(self)
+
+    # -- the wait machinery -------------------------------------------------------------
+
+    def _check_futures(self, futures: Sequence[Any]) -> None:
+        for f in futures:
+            if not isinstance(f, DurableFuture) or f._ctx is not self:
+                raise TypeError(
+                    f"{f!r} is not a durable future of this invocation: pass what ctx.sleep, "
+                    "ctx.start, ctx.promise or ctx.signal returned"
+                )
+
+    async def _await_one(self, future: DurableFuture[T]) -> T:
+        await self._wait((future,), first=False)
+        return future.result()
+
+    def _notify(self) -> None:
+        """Something this invocation may be waiting for happened."""
+        if self._woken is not None:
+            self._woken.set()
+
+    async def _wait(
+        self, futures: Sequence[DurableFuture[Any]], *, first: bool
+    ) -> DurableFuture[Any] | None:
+        """Settle ``futures`` (all of them, or the first): replayed outcomes
+        from the journal, then live ones as they arrive, each journaled."""
+        if self._unflushed:
+            await self._flush()
+        if first:
+            for f in futures:
+                if f._outcome is not None:
+                    return f
+        pending = [f for f in futures if f._outcome is None]
+        # Outcomes the journal recorded, in the order they were observed.
+        while pending:
+            entry = self._replay.peek()
+            if entry is None:
+                break
+            labels = {f.label: f for f in pending}
+            if entry.kind is EntryKind.COMPLETE and entry.name in labels:
+                self._replay.take(EntryKind.COMPLETE, entry.name)
+                done = labels[entry.name]
+                done.settle(entry)
+                pending.remove(done)
+                self._now = entry.created_at
+                if first or not done._outcome or not done._outcome[0]:
+                    return done
+                continue
+            if entry.kind is EntryKind.CANCEL:
+                self._take(EntryKind.CANCEL, "cancel")  # raises the cancellation
+            raise Suspended(
+                NonDeterminismError(
+                    self.invocation_id,
+                    self._replay.next_index,
+                    describe(entry.kind, entry.name),
+                    "the outcome of " + ", ".join(repr(f) for f in pending),
+                )
+            )
+        while pending:
+            await self._before_live()
+            if self._woken is not None:
+                self._woken.clear()
+            found: list[tuple[DurableFuture[Any], Any]] = []
+            for f in pending:
+                try:
+                    probe = await f.probe()
+                except (StorageError, JournalDecodeError) as exc:
+                    raise Suspended(exc) from None
+                if probe is not None:
+                    found.append((f, probe))
+                    if first:
+                        break
+            if not found:
+                await self._idle(pending)
+                continue
+            now = self._rt.clock.now()
+            entries = []
+            for f, (ok, payload, tag) in found:
+                index, _, _ = self._take(EntryKind.COMPLETE, f.label)
+                entries.append(
+                    self._entry(index, EntryKind.COMPLETE, f.label, payload, tag, now, ok=ok)
+                )
+            await self._commit(Write(entries=tuple(entries)))
+            self._now = now
+            for (f, _), e in zip(found, entries, strict=True):
+                f.settle(e)
+                pending.remove(f)
+            self._replay_point()
+            failed = next((f for f, _ in found if f._outcome and not f._outcome[0]), None)
+            if first or failed is not None:
+                return failed or found[0][0]
+        return None
+
+    async def _idle(self, pending: list[DurableFuture[Any]]) -> None:
+        """Nothing is there yet: wait in memory, or park the invocation."""
+        rt = self._rt
+        waits: list[Awaitable[Any]] = []
+        notifies = False
+        for f in pending:
+            how = f.watch()
+            if how is True:
+                notifies = True
+            elif how is not False:
+                waits.append(how)
+        if not waits and not notifies and self.can_park:
+            wake = min((f.wake_at for f in pending if f.wake_at is not None), default=None)
+            if self._deadline is not None and not self._cancel_delivered:
+                wake = self._deadline if wake is None else min(wake, self._deadline)
+            self._closing = Parked(wake)
+            raise self._closing
+        if self._deadline is not None and not self._cancel_delivered:
+            waits.append(rt.clock.sleep(max(0.0, self._deadline - rt.clock.now())))
+        if self._woken is None:
+            self._woken = asyncio.Event()
+        tasks = [asyncio.ensure_future(w) for w in waits]
+        tasks.append(asyncio.ensure_future(self._woken.wait()))
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _flush(self) -> None:
+        """Journal the creation of the futures made since the last durable point."""
+        made, self._unflushed = self._unflushed, []
+        children = [f for f in made if isinstance(f, ChildHandle)]
+        try:
+            if len(children) == 1:
+                await children[0].before_creation()
+            elif children:
+                await asyncio.gather(*(c.before_creation() for c in children))
+        except (StorageError, ConflictError) as exc:
+            raise Suspended(exc) from None
+        now = self._rt.clock.now()
+        await self._commit(
+            Write(
+                entries=tuple(f.creation_entry(now) for f in made),
+                promises=tuple(f.record(now) for f in made if isinstance(f, DurablePromise)),
+            )
+        )
+        for f in made:
+            f.created = True
+        self._now = now
+        self._replay_point()
+
+    async def _before_live(self) -> None:
+        """What every live durable point does first: journal the futures
+        created since the last one, and deliver a pending cancellation."""
+        if self._unflushed:
+            await self._flush()
+        if self._cancel_delivered:
+            return
+        reason, timeout = self._cancel, False
+        if reason is None and self._deadline is not None:
+            if self._rt.clock.now() < self._deadline:
+                return
+            reason, timeout = "timed out (its deadline passed)", True
+        if reason is None:
+            return
+        index, _, _ = self._take(EntryKind.CANCEL, "cancel")
+        payload, _ = self._rt.codec.encode({"reason": reason, "timeout": timeout}, "a cancellation")
+        now = self._rt.clock.now()
+        await self._commit(
+            Write(entries=(self._entry(index, EntryKind.CANCEL, "cancel", payload, None, now),))
+        )
+        self._now = now
+        await self._deliver_cancel(reason, timeout)
+
+    async def _deliver_cancel(self, reason: str, timeout: bool) -> None:
+        self._cancel_delivered = True
+        if self._children:
+            await self._rt.cancel_children(self._children, f"cancelled with its parent ({reason})")
+        raise Cancelled(reason, timeout=timeout)
+
+    def _replay_point(self) -> None:
+        """In always-replay mode, restart from the journal after each durable point."""
+        if self._rt.always_replay and self.can_park:
+            self._closing = Parked(self._rt.clock.now())
+            raise self._closing
+
+    def _entry(
+        self,
+        index: int,
+        kind: EntryKind,
+        name: str,
+        payload: bytes,
+        tag: str | None,
+        now: float,
+        *,
+        ok: bool = True,
+    ) -> JournalEntry:
+        return JournalEntry(
+            invocation_id=self.invocation_id,
+            index=index,
+            kind=kind,
+            name=name,
+            ok=ok,
+            payload=payload,
+            type_tag=tag,
+            attempts=1,
+            created_at=now,
+        )
+
+    def _take(self, kind: EntryKind, name: str) -> tuple[int, JournalEntry | None, int]:
+        """Claim the next journal index for a durable operation."""
+        if self._closing is not None:
+            raise self._closing  # parked: code in a finally block must not go on
+        try:
+            index, entry, failed = self._replay.take(kind, name)
+        except NonDeterminismError as exc:
+            raise Suspended(exc) from None
+        if entry is not None:
+            if entry.kind is EntryKind.CANCEL and kind is not EntryKind.CANCEL:
+                self._now = entry.created_at
+                try:
+                    record = self._rt.codec.decode(entry.payload, None)
+                    reason, timeout = str(record["reason"]), bool(record["timeout"])
+                except (ValueError, TypeError, KeyError) as exc:
+                    raise Suspended(
+                        JournalDecodeError(self.invocation_id, index, str(exc))
+                    ) from None
+                self._cancel_delivered = True
+                raise Cancelled(reason, timeout=timeout)
+        elif self._live_guard is not None:
+            raise Suspended(self._live_guard(self.invocation_id, index, name))
+        return index, entry, failed
 
     # -- steps -------------------------------------------------------------------
 
@@ -188,6 +587,7 @@ class Context:
         *args: Any,
         retry: RetryPolicy | None = None,
         idempotency_key: str | None = None,
+        timeout: timedelta | None = None,
         **kwargs: Any,
     ) -> T: ...
 
@@ -199,6 +599,7 @@ class Context:
         *args: Any,
         retry: RetryPolicy | None = None,
         idempotency_key: str | None = None,
+        timeout: timedelta | None = None,
         **kwargs: Any,
     ) -> T: ...
 
@@ -209,6 +610,7 @@ class Context:
         *args: Any,
         retry: RetryPolicy | None = None,
         idempotency_key: str | None = None,
+        timeout: timedelta | None = None,
         **kwargs: Any,
     ) -> Any:
         """Run ``fn(*args, **kwargs)`` as a journaled step and return its result.
@@ -218,23 +620,25 @@ class Context:
         None); :class:`TerminalError` stops retrying. With
         ``idempotency_key``, the result is stored under ``(name, key)`` and
         any later step using the same name and key, in any invocation, gets
-        it back without calling ``fn``.
+        it back without calling ``fn``. With ``timeout``, an attempt that takes
+        longer fails with TimeoutError (and is retried by ``retry``); a sync
+        function cannot be interrupted, so its thread runs on, but its result
+        is dropped.
         """
         if not isinstance(name, str) or not name:
             raise TypeError(f"ctx.run: the step name must be a non-empty string, not {name!r}")
         if not callable(fn):
             raise TypeError(f"ctx.run({name!r}): {fn!r} is not callable")
-        try:
-            index, entry, failed = self._replay.take(EntryKind.STEP, name)
-        except NonDeterminismError as exc:
-            raise Suspended(exc) from None
-        if entry is None and self._live_guard is not None:
-            # Replay only (rebuilding state, a dry-run fork): nothing may run live.
-            raise Suspended(self._live_guard(self.invocation_id, index, name))
+        # Replay only (rebuilding state, a dry-run fork): _take stops a live step.
+        index, entry, failed = self._take(EntryKind.STEP, name)
         if entry is not None:
             self._now = entry.created_at
             self._rt.stats.steps_replayed += 1
             return self._outcome(entry, fn)
+        if self._unflushed or self._cancel is not None or self._deadline is not None:
+            await self._before_live()
+        if timeout is not None:
+            fn = _with_timeout(self._rt, name, fn, _seconds(timeout, "timeout"))
         if idempotency_key is not None:
             if not isinstance(idempotency_key, str) or not idempotency_key:
                 raise TypeError(
@@ -362,6 +766,8 @@ class Context:
         self._now = now
         rt.stats.steps_executed += 1
         fire(hooks.after_step, info)
+        if rt.always_replay:
+            self._replay_point()
         return result
 
     async def _call(

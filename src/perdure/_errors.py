@@ -17,13 +17,17 @@ Every error Perdure raises derives from one root::
     │   └── StorageFullError
     ├── ForkStoppedError            a dry-run fork reached a step it would run live
     ├── InvocationFailedError       the invocation ended with an error (``__cause__``)
+    │   └── InvocationCancelledError   it was cancelled (or timed out)
     └── InvocationStoppedError      it stopped unfinished here; resumes on the next start
 
 User code raises :class:`TerminalError` from a step or a workflow to say
 "do not retry". It is an ordinary ``Exception`` so that it can be caught.
 
 Control-flow signals that interrupt user code derive from ``BaseException``
-so that an ``except Exception`` in a workflow cannot swallow them.
+so that an ``except Exception`` in a workflow cannot swallow them:
+:class:`Cancelled` (raised inside a cancelled workflow at its next durable
+point; ``finally`` blocks and compensations run) and the runtime's own
+``Suspended`` and ``Parked``.
 """
 
 from __future__ import annotations
@@ -115,6 +119,11 @@ class StorageFullError(StorageError):
 class InvocationFailedError(PerdureError):
     """The invocation finished with an error; ``__cause__`` holds it."""
 
+    # Defaults for an instance rebuilt from a journal, which has only its message.
+    invocation_id = ""
+    target = ""
+    cause: BaseException | None = None
+
     def __init__(self, invocation_id: str, target: str, cause: BaseException) -> None:
         self.invocation_id = invocation_id
         self.target = target
@@ -123,6 +132,17 @@ class InvocationFailedError(PerdureError):
             f"invocation {invocation_id} of {target!r} failed: {type(cause).__name__}: {cause}"
         )
         self.__cause__ = cause
+
+
+class InvocationCancelledError(InvocationFailedError):
+    """The invocation was cancelled, or its deadline passed, before it finished."""
+
+    def __init__(self, invocation_id: str, target: str, reason: str) -> None:
+        self.reason = reason
+        PerdureError.__init__(self, f"invocation {invocation_id} of {target!r} was {reason}")
+        self.invocation_id = invocation_id
+        self.target = target
+        self.cause = None
 
 
 class InvocationStoppedError(PerdureError):
@@ -179,3 +199,31 @@ class Suspended(BaseException):
     def __init__(self, reason: BaseException) -> None:
         self.reason = reason
         super().__init__(str(reason))
+
+
+class Cancelled(BaseException):
+    """Raised inside a workflow at its next durable point once it is cancelled
+    (``timeout`` True: its deadline passed).
+
+    It derives from ``BaseException`` so that ``except Exception`` does not
+    swallow it; ``finally`` blocks and compensations run, and may use ``ctx``.
+    If it propagates out of the workflow, the invocation ends cancelled.
+    """
+
+    def __init__(self, reason: str = "cancelled", *, timeout: bool = False) -> None:
+        self.reason = reason
+        self.timeout = timeout
+        super().__init__(reason)
+
+
+class Parked(BaseException):
+    """Raised inside user code to suspend an invocation that waits durably.
+
+    The runtime records it as suspended, to resume at ``wake_at`` (None: when
+    woken by a promise, a signal, a child or a cancellation) by replaying its
+    journal. Its task and memory are released meanwhile.
+    """
+
+    def __init__(self, wake_at: float | None) -> None:
+        self.wake_at = wake_at
+        super().__init__("parked")

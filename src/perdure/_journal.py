@@ -52,11 +52,21 @@ class Replay:
         index = self._next
         self._next = index + 1
         entry = self._by_index.get(index)
+        if entry is not None and entry.kind is EntryKind.CANCEL:
+            return index, entry, 0  # a cancellation was delivered here: the caller raises it
         if entry is not None and (entry.kind != kind or entry.name != name):
             raise NonDeterminismError(
                 self.invocation_id, index, describe(entry.kind, entry.name), describe(kind, name)
             )
         return index, entry, self._attempts.get(index, 0)
+
+    @property
+    def next_index(self) -> int:
+        return self._next
+
+    def peek(self) -> JournalEntry | None:
+        """The recorded entry at the next index, if any, without claiming it."""
+        return self._by_index.get(self._next)
 
     def finish(self) -> int:
         """Claim the index of the output entry, checking nothing was left unreplayed."""

@@ -8,7 +8,8 @@ import functools
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import timedelta
 from typing import Any
 
 from ._actor import Activation, Actor, ActorDef, _Pending
@@ -21,12 +22,17 @@ from ._context import (
     completed_message_guard,
 )
 from ._errors import (
+    Cancelled,
     ConfigurationError,
+    ConflictError,
     ForkStoppedError,
     IdempotencyConflictError,
+    InvocationCancelledError,
     InvocationStoppedError,
     JournalDecodeError,
     NonDeterminismError,
+    NotFoundError,
+    Parked,
     PerdureError,
     SerializationError,
     StorageError,
@@ -38,16 +44,21 @@ from ._journal import Replay
 from ._pool import StepPool
 from ._retry import RetryPolicy
 from ._serde import Codec
+from ._timers import TimerService
 from ._workflow import Workflow, as_workflow
 from .storage import DEFAULT_URL, Store, open_store
 from .storage._records import (
     UNFINISHED,
     Attempt,
+    CancelRequest,
     EntryKind,
     InvocationRecord,
     JournalEntry,
+    Resolution,
+    SignalRecord,
     Status,
     StatusChange,
+    Wake,
     Write,
 )
 
@@ -73,6 +84,9 @@ class RuntimeStats:
     actors_recovered: int = 0
     actor_messages_replayed: int = 0
     recovery_seconds: float = 0.0
+    invocations_parked: int = 0
+    invocations_resumed: int = 0
+    invocations_cancelled: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -82,6 +96,9 @@ class Outcome:
     status: Status
     value: Any = None
     error: BaseException | None = None
+    # A completed invocation's encoded result, for a parent reading it.
+    payload: bytes | None = None
+    type_tag: str | None = None
 
 
 class Runtime:
@@ -107,6 +124,8 @@ class Runtime:
         recover: bool = True,
         actors: Iterable[type[Actor[Any]]] = (),
         actor_idle_seconds: float = 60.0,
+        timer_lead: timedelta = timedelta(seconds=1),
+        always_replay: bool = False,
     ) -> None:
         from ._client import Client
 
@@ -115,6 +134,10 @@ class Runtime:
         if not isinstance(max_payload_bytes, int) or max_payload_bytes < 1:
             raise ConfigurationError(
                 f"max_payload_bytes must be a positive int, not {max_payload_bytes!r}"
+            )
+        if not isinstance(timer_lead, timedelta) or timer_lead < timedelta(0):
+            raise ConfigurationError(
+                f"timer_lead must be a non-negative timedelta, not {timer_lead!r}"
             )
         self.hooks = hooks or Hooks()
         if isinstance(store, str):
@@ -154,6 +177,19 @@ class Runtime:
         self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
+        # A sleep due within the lead waits in memory; the timer service
+        # resumes a parked invocation this long before it is due.
+        self.timer_lead = timer_lead.total_seconds()
+        # Testing: after every durable point, restart the invocation from its
+        # journal, so that non-deterministic code fails at once.
+        self.always_replay = always_replay
+        self.timers = TimerService(self)
+        # The contexts of the invocations running here, to wake their waits.
+        self._contexts: dict[str, Context] = {}
+        # Invocations woken while they ran here: if one parks, look at once.
+        self._notified: set[str] = set()
+        # Callers waiting for an invocation that is parked here to finish.
+        self._finish_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._started = False
 
     # -- registration ------------------------------------------------------------
@@ -231,17 +267,23 @@ class Runtime:
             except BaseException:
                 await self.stop()
                 raise
+            self.timers.start()
 
     async def stop(self) -> None:
         """Stop running invocations (they resume on the next start) and close."""
         if not self._started:
             return
         self._started = False
+        await self.timers.stop()
         tasks = [a.task for a in self._activations.values()] + list(self._tasks.values())
         self._activations.clear()
         for waiter in self._queued.values():
             waiter.cancel()
         self._queued.clear()
+        for waiters in self._finish_waiters.values():
+            for w in waiters:
+                w.cancel()
+        self._finish_waiters.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -278,8 +320,8 @@ class Runtime:
         runnable: list[tuple[InvocationRecord, Workflow[Any, Any]]] = []
         actors: set[tuple[str, str]] = set()
         for rec in records:
-            if rec.id in self._tasks:
-                continue
+            if rec.id in self._tasks or rec.status is Status.SUSPENDED:
+                continue  # the suspended resume when due: the timer service
             if rec.actor_type is not None and rec.actor_key is not None:
                 if rec.actor_type in self._actors:
                     actors.add((rec.actor_type, rec.actor_key))
@@ -340,19 +382,36 @@ class Runtime:
         *,
         idempotency_key: str | None = None,
         invocation_id: str | None = None,
+        timeout: timedelta | None = None,
     ) -> tuple[InvocationRecord, bool]:
         """Record and start an invocation. Returns (record, created)."""
         from ._client import prepare_invocation
 
         self._check_started()
         wf = self.workflow(target)
+        deadline = None
+        if timeout is not None:
+            if not isinstance(timeout, timedelta) or timeout <= timedelta(0):
+                raise TypeError(f"timeout must be a positive timedelta, not {timeout!r}")
+            deadline = self.clock.now() + timeout.total_seconds()
         rec, entry, decoded = prepare_invocation(
-            self, wf, args, kwargs, idempotency_key, invocation_id
+            self, wf, args, kwargs, idempotency_key, invocation_id, deadline=deadline
         )
+        return await self.create(wf, rec, entry, decoded)
+
+    async def create(
+        self,
+        wf: Workflow[Any, Any],
+        rec: InvocationRecord,
+        entry: JournalEntry,
+        decoded: tuple[list[Any], dict[str, Any]],
+    ) -> tuple[InvocationRecord, bool]:
+        """Record a prepared invocation and start it. Returns (record, created)."""
+        self._check_started()
         stored, created = await self.store.create_invocation(rec, entry)
         if not created and stored.input_hash != rec.input_hash:
             raise IdempotencyConflictError(
-                f"idempotency key {idempotency_key!r} of workflow {wf.name!r} was already "
+                f"idempotency key {rec.idempotency_key!r} of workflow {wf.name!r} was already "
                 f"used by invocation {stored.id} with a different input; use a new key "
                 "for a different request"
             )
@@ -360,6 +419,168 @@ class Runtime:
             self.stats.invocations_started += 1
             self._launch(stored, wf, [entry], [], decoded)
         return stored, created
+
+    # -- suspension, wake-ups, cancellation ----------------------------------------
+
+    async def resume(self, records: Sequence[InvocationRecord]) -> int:
+        """Resume suspended invocations that are due: claim them, replay them."""
+        mine = [r for r in records if r.id not in self._tasks]
+        runnable: list[tuple[InvocationRecord, Workflow[Any, Any]]] = []
+        for rec in mine:
+            wf = self._workflows.get(rec.target)
+            if wf is None:
+                # Leave it suspended, but not due again and again.
+                log.error(
+                    "invocation %s cannot resume: workflow %r is not registered with this "
+                    "runtime; register it and restart",
+                    rec.id,
+                    rec.target,
+                )
+                self._suspended(rec, UnknownWorkflowError(f"workflow {rec.target!r} is unknown"))
+                await self.store.commit(
+                    Write(
+                        status=StatusChange(
+                            invocation_id=rec.id,
+                            status=Status.SUSPENDED,
+                            updated_at=self.clock.now(),
+                            last_error=f"workflow {rec.target!r} is not registered",
+                        )
+                    )
+                )
+                continue
+            runnable.append((rec, wf))
+        if not runnable:
+            return 0
+        now = self.clock.now()
+        claims = [
+            self.store.commit(
+                Write(
+                    status=StatusChange(invocation_id=r.id, status=Status.RUNNING, updated_at=now)
+                )
+            )
+            for r, _ in runnable
+        ]
+        await asyncio.gather(*claims)
+        journals = await self._read_journals([r.id for r, _ in runnable])
+        for rec, wf in runnable:
+            found = journals[rec.id]
+            if isinstance(found, JournalDecodeError):
+                self._suspended(rec, found)
+                continue
+            self._launch(rec, wf, found[0], found[1], None)
+        self.stats.invocations_resumed += len(runnable)
+        return len(runnable)
+
+    def notify(self, invocation_id: str) -> None:
+        """Something an invocation may wait for happened (the store already
+        recorded its wake-up): wake it if it waits here, else look for it."""
+        ctx = self._contexts.get(invocation_id)
+        if ctx is not None:
+            self._notified.add(invocation_id)
+            ctx._notify()
+        else:
+            self.timers.kick()
+
+    async def cancel(self, invocation_id: str, reason: str = "cancelled") -> None:
+        """Ask an invocation to cancel; delivered at its next durable point."""
+        self._check_started()
+        if not isinstance(reason, str) or not reason:
+            raise TypeError(f"a cancellation reason must be a non-empty string, not {reason!r}")
+        await self.store.commit(
+            Write(
+                cancels=(
+                    CancelRequest(invocation_id=invocation_id, reason=reason, at=self.clock.now()),
+                )
+            )
+        )
+        ctx = self._contexts.get(invocation_id)
+        if ctx is not None and ctx._cancel is None:
+            ctx._cancel = reason
+        self.notify(invocation_id)
+
+    async def cancel_children(self, child_ids: Sequence[str], reason: str) -> None:
+        """Cancel the children that have not finished; ignore those that have."""
+
+        async def one(child_id: str) -> None:
+            try:
+                await self.cancel(child_id, reason)
+            except (ConflictError, NotFoundError):
+                pass  # finished, or never created
+
+        await asyncio.gather(*(one(c) for c in child_ids))
+
+    async def settle_promise(
+        self, promise_id: str, ok: bool, payload: bytes, type_tag: str | None
+    ) -> None:
+        self._check_started()
+        found = await self.store.get_promise(promise_id)
+        if found is None:
+            raise NotFoundError(
+                f"promise {promise_id} does not exist; promise ids are what ctx.promise() "
+                "returned (p.id)"
+            )
+        await self.store.commit(
+            Write(
+                resolution=Resolution(
+                    promise_id=promise_id,
+                    ok=ok,
+                    payload=payload,
+                    type_tag=type_tag,
+                    at=self.clock.now(),
+                )
+            )
+        )
+        self.notify(found.invocation_id)
+
+    async def send_signal(
+        self, invocation_id: str, name: str, payload: bytes, type_tag: str | None
+    ) -> int:
+        self._check_started()
+        seq: int = await self.store.commit(
+            Write(
+                signal=SignalRecord(
+                    invocation_id=invocation_id,
+                    name=name,
+                    payload=payload,
+                    type_tag=type_tag,
+                    created_at=self.clock.now(),
+                )
+            )
+        )
+        self.notify(invocation_id)
+        return seq
+
+    async def _park(self, rec: InvocationRecord, wake_at: float | None) -> Outcome:
+        """Record an invocation as suspended until ``wake_at`` (or until woken)."""
+        try:
+            await self.store.commit(
+                Write(
+                    status=StatusChange(
+                        invocation_id=rec.id,
+                        status=Status.SUSPENDED,
+                        updated_at=self.clock.now(),
+                        wake_at=wake_at,
+                    )
+                )
+            )
+        except PerdureError as exc:
+            return self._suspended(rec, exc)
+        self.stats.invocations_parked += 1
+        if rec.id in self._notified:
+            self.timers.kick()  # woken while it ran: its wake-up is due now
+        self.timers.schedule(wake_at)
+        return Outcome(Status.SUSPENDED)
+
+    def finish_waiter(self, invocation_id: str) -> asyncio.Future[None]:
+        """A future set when the invocation next finishes or stops here."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._finish_waiters.setdefault(invocation_id, []).append(waiter)
+        return waiter
+
+    def _wake_finish_waiters(self, invocation_id: str) -> None:
+        for waiter in self._finish_waiters.pop(invocation_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _launch(
         self,
@@ -529,8 +750,18 @@ class Runtime:
 
         return InvocationHandle[Any](self, rec.id, rec.target)
 
-    def _forget(self, invocation_id: str, _task: object) -> None:
-        self._tasks.pop(invocation_id, None)
+    def _forget(self, invocation_id: str, task: asyncio.Task[Outcome]) -> None:
+        if self._tasks.get(invocation_id) is task:
+            del self._tasks[invocation_id]
+        self._contexts.pop(invocation_id, None)
+        notified = invocation_id in self._notified
+        self._notified.discard(invocation_id)
+        if not task.cancelled():
+            outcome = task.result()
+            if outcome.status is not Status.SUSPENDED:
+                self._wake_finish_waiters(invocation_id)
+            elif notified:
+                self.timers.kick()  # woken after it parked: its wake-up is due
 
     def running(self, invocation_id: str) -> asyncio.Future[Outcome] | None:
         """What to await for an invocation running (or queued) in this process."""
@@ -562,12 +793,22 @@ class Runtime:
                 input_entry.created_at,
                 key=rec.actor_key,
                 live_guard=self._live_guard,
+                deadline=rec.deadline,
+                cancel_reason=rec.cancel_reason,
+                can_park=activation is None,
             )
             _current_context.set(ctx)
+            self._contexts[rec.id] = ctx
             try:
                 value = await call(ctx, *args, **kwargs)
+                if ctx._unflushed:
+                    await ctx._flush()  # children started and not awaited
             except Exception as exc:
                 return await self._finish(rec, wf, replay, Status.FAILED, None, exc)
+            except Cancelled as exc:
+                if not ctx._cancel_delivered:
+                    raise  # not ours to finish with: a stray Cancelled
+                return await self._finish(rec, wf, replay, Status.CANCELLED, None, exc)
             # Check the result reads back before recording it as completed.
             what = f"result of invocation {rec.id}"
             try:
@@ -578,6 +819,8 @@ class Runtime:
             return await self._finish(
                 rec, wf, replay, Status.COMPLETED, (value, payload, tag), None, activation
             )
+        except Parked as p:
+            return await self._park(rec, p.wake_at)
         except Suspended as s:
             return self._suspended(rec, s.reason)
         except (NonDeterminismError, JournalDecodeError, StorageError) as exc:
@@ -616,7 +859,7 @@ class Runtime:
         replay: Replay,
         status: Status,
         success: tuple[Any, bytes, str | None] | None,
-        error: Exception | None,
+        error: BaseException | None,
         activation: Activation | None = None,
     ) -> Outcome:
         index = replay.finish()
@@ -653,14 +896,26 @@ class Runtime:
                     checkpoint=checkpoint,
                     retain_checkpoints=None if facet is None else facet.retain_checkpoints,
                     compact_journal=facet is not None and facet.compact_journal,
+                    wakes=()
+                    if rec.parent_id is None
+                    else (Wake(invocation_id=rec.parent_id, at=now),),
                 )
             )
         except (StorageError, PerdureError) as exc:
             return self._suspended(rec, exc)
         fire(self.hooks.after_output, rec.id)
+        if rec.parent_id is not None:
+            self.notify(rec.parent_id)
         if success is not None:
             self.stats.invocations_completed += 1
-            return Outcome(Status.COMPLETED, value=value)
+            return Outcome(Status.COMPLETED, value=value, payload=payload, type_tag=tag)
+        if status is Status.CANCELLED:
+            self.stats.invocations_cancelled += 1
+            assert isinstance(error, Cancelled)
+            return Outcome(
+                Status.CANCELLED,
+                error=InvocationCancelledError(rec.id, rec.target, error.reason),
+            )
         self.stats.invocations_failed += 1
         return Outcome(Status.FAILED, error=error)
 
@@ -671,6 +926,7 @@ class Runtime:
     def _suspended(self, rec: InvocationRecord, reason: BaseException) -> Outcome:
         self.stats.invocations_suspended += 1
         self._stopped[rec.id] = reason
+        self._wake_finish_waiters(rec.id)
         level = logging.DEBUG if isinstance(reason, ForkStoppedError) else logging.ERROR
         log.log(level, "invocation %s (%s) stopped unfinished: %s", rec.id, rec.target, reason)
         return Outcome(Status.RUNNING, error=reason)

@@ -31,7 +31,7 @@ from perdure.storage import (
     Write,
     open_store,
 )
-from perdure.storage._sqlite import _MIGRATIONS
+from perdure.storage._sqlite import _MIGRATIONS, SCHEMA_VERSION
 
 _ids = itertools.count()
 
@@ -529,8 +529,8 @@ async def test_concurrent_idempotent_results_keep_exactly_one(store: Store) -> N
     assert stored.invocation_id in {r.id for r in recs}
 
 
-async def test_schema_version_is_2(store: Store) -> None:
-    assert await store.schema_version() == 2
+async def test_schema_version_is_current(store: Store) -> None:
+    assert await store.schema_version() == SCHEMA_VERSION
 
 
 # -- durable actors ---------------------------------------------------------------
@@ -867,7 +867,7 @@ async def test_sqlite_migrates_a_version_1_database(tmp_path: Any) -> None:
         last_error="why",
     )
     async with SQLiteStore(path) as store:
-        assert await store.schema_version() == 2
+        assert await store.schema_version() == SCHEMA_VERSION
         got = await store.get_invocation("old-1")
         assert got == old
         assert got is not None
@@ -887,7 +887,7 @@ async def test_sqlite_migrates_a_version_1_database(tmp_path: Any) -> None:
         assert await store.list_actor_messages("Counter", "a") == [rec]
     # Reopening a migrated file migrates nothing again.
     async with SQLiteStore(path) as store:
-        assert await store.schema_version() == 2
+        assert await store.schema_version() == SCHEMA_VERSION
         assert await store.get_invocation("old-1") == old
 
 
@@ -919,7 +919,7 @@ async def test_data_survives_close_and_reopen(store_url: str) -> None:
         assert [e.index for e in await again.read_journal(rec.id)] == [0, 1]
         assert len(await again.read_attempts(rec.id)) == 1
         assert await again.get_idempotent_result("s", "k") is not None
-        assert await again.schema_version() == 2
+        assert await again.schema_version() == SCHEMA_VERSION
     finally:
         await again.close()
 

@@ -18,13 +18,18 @@ from ._base import Store as Store
 from ._memory import MemoryStore as MemoryStore
 from ._records import UNFINISHED as UNFINISHED
 from ._records import Attempt as Attempt
+from ._records import CancelRequest as CancelRequest
 from ._records import Checkpoint as Checkpoint
 from ._records import EntryKind as EntryKind
 from ._records import IdempotentResult as IdempotentResult
 from ._records import InvocationRecord as InvocationRecord
 from ._records import JournalEntry as JournalEntry
+from ._records import PromiseRecord as PromiseRecord
+from ._records import Resolution as Resolution
+from ._records import SignalRecord as SignalRecord
 from ._records import Status as Status
 from ._records import StatusChange as StatusChange
+from ._records import Wake as Wake
 from ._records import Write as Write
 from ._sqlite import SQLiteStore as SQLiteStore
 
@@ -32,16 +37,21 @@ __all__ = [
     "UNFINISHED",
     "Attempt",
     "BeforeCommit",
+    "CancelRequest",
     "Checkpoint",
     "EntryKind",
     "IdempotentResult",
     "InvocationRecord",
     "JournalEntry",
     "MemoryStore",
+    "PromiseRecord",
+    "Resolution",
     "SQLiteStore",
+    "SignalRecord",
     "Status",
     "StatusChange",
     "Store",
+    "Wake",
     "Write",
     "open_store",
 ]

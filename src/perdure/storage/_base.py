@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ._records import (
     Attempt,
@@ -11,6 +12,8 @@ from ._records import (
     IdempotentResult,
     InvocationRecord,
     JournalEntry,
+    PromiseRecord,
+    SignalRecord,
     Status,
     Write,
 )
@@ -56,7 +59,7 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def commit(self, write: Write) -> None:
+    async def commit(self, write: Write) -> Any:
         """Record ``write`` atomically.
 
         Raises :class:`perdure.ConflictError` if a journal index is already
@@ -67,6 +70,16 @@ class Store(abc.ABC):
         ``compact_journal`` the journals and attempts of the actor's messages
         up to the oldest kept checkpoint are deleted (their invocation
         records stay).
+
+        Events: ``wakes`` set an unfinished invocation's ``wake_at`` to the
+        sooner of its pending wake-up and theirs; ``promises`` are inserted
+        (a taken id conflicts); a ``resolution`` settles a pending promise
+        (:class:`perdure.NotFoundError` if there is none, ConflictError if it
+        is settled) and wakes its owner; a ``signal`` is appended to an
+        unfinished invocation's signals with the next ``seq``, which the
+        commit returns, and wakes it; ``cancels`` set ``cancel_reason`` (the
+        first one stays) and wake. A signal or cancel for an unknown
+        invocation raises NotFoundError, for a finished one ConflictError.
         """
 
     @abc.abstractmethod
@@ -126,6 +139,25 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_actors(self, actor_type: str | None = None) -> list[tuple[str, str]]:
         """(actor type, key) of every actor with at least one message, sorted."""
+
+    @abc.abstractmethod
+    async def due_invocations(self, before: float, *, limit: int = 1000) -> list[InvocationRecord]:
+        """Suspended invocations whose ``wake_at <= before``, soonest first."""
+
+    @abc.abstractmethod
+    async def next_wake_at(self) -> float | None:
+        """The soonest ``wake_at`` of a suspended invocation, None if none has one."""
+
+    @abc.abstractmethod
+    async def get_promise(self, promise_id: str) -> PromiseRecord | None: ...
+
+    @abc.abstractmethod
+    async def read_signals(self, invocation_id: str, name: str) -> list[SignalRecord]:
+        """The signals named ``name`` sent to an invocation, in the order they arrived."""
+
+    @abc.abstractmethod
+    async def list_children(self, parent_id: str) -> list[InvocationRecord]:
+        """The invocations started by ``parent_id`` as its children, oldest first."""
 
     async def read_journals(
         self, invocation_ids: Sequence[str]

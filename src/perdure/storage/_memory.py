@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
-from .._errors import ConflictError, StorageError
+from .._errors import ConflictError, NotFoundError, StorageError
 from ._base import BeforeCommit, Store
 from ._records import (
     Attempt,
@@ -14,11 +15,13 @@ from ._records import (
     IdempotentResult,
     InvocationRecord,
     JournalEntry,
+    PromiseRecord,
+    SignalRecord,
     Status,
     Write,
 )
 
-SCHEMA_VERSION = 2  # the SQLite schema version whose contract this store follows
+SCHEMA_VERSION = 3  # the SQLite schema version whose contract this store follows
 
 
 class MemoryStore(Store):
@@ -36,6 +39,8 @@ class MemoryStore(Store):
         # (actor type, actor key) -> actor seq -> invocation id
         self._actors: dict[tuple[str, str], dict[int, str]] = {}
         self._checkpoints: dict[tuple[str, str], dict[int, Checkpoint]] = {}
+        self._promises: dict[str, PromiseRecord] = {}
+        self._signals: dict[str, list[SignalRecord]] = {}
 
     async def open(self) -> None:
         self._open = True
@@ -80,7 +85,7 @@ class MemoryStore(Store):
         self._journal[invocation.id] = {input_entry.index: input_entry}
         return invocation, True
 
-    async def commit(self, write: Write) -> None:
+    async def commit(self, write: Write) -> Any:
         self._check_open()
         # Validate everything first, so that a rejected write changes nothing.
         seen: set[tuple[str, int]] = set()
@@ -99,6 +104,22 @@ class MemoryStore(Store):
         change = write.status
         if change is not None and change.invocation_id not in self._invocations:
             raise ConflictError(f"invocation {change.invocation_id} does not exist")
+        for p in write.promises:
+            if p.id in self._promises:
+                raise ConflictError(f"promise id {p.id} is already taken")
+            if p.invocation_id not in self._invocations:
+                raise ConflictError(f"invocation {p.invocation_id} does not exist")
+        settle = write.resolution
+        if settle is not None:
+            promise = self._promises.get(settle.promise_id)
+            if promise is None:
+                raise NotFoundError(f"promise {settle.promise_id} does not exist")
+            if promise.state != "pending":
+                raise ConflictError(f"promise {settle.promise_id} is already {promise.state}")
+        if write.signal is not None:
+            self._check_unfinished(write.signal.invocation_id, "signal")
+        for cancel in write.cancels:
+            self._check_unfinished(cancel.invocation_id, "cancel")
         if self._before_commit is not None:
             self._before_commit(1)
         for e in write.entries:
@@ -108,12 +129,19 @@ class MemoryStore(Store):
             if not any(x.index == a.index and x.attempt == a.attempt for x in attempts):
                 attempts.append(a)
         if change is not None:
+            current = self._invocations[change.invocation_id]
+            wake_at = None
+            if change.status is Status.SUSPENDED:
+                pending = [t for t in (current.wake_at, change.wake_at) if t is not None]
+                wake_at = min(pending, default=None)
             self._invocations[change.invocation_id] = msgspec.structs.replace(
-                self._invocations[change.invocation_id],
+                current,
                 status=change.status,
                 updated_at=change.updated_at,
                 last_error=change.last_error,
+                wake_at=wake_at,
             )
+        result = self._apply_events(write)
         r = write.idempotent
         if r is not None:
             self._idempotent.setdefault((r.scope, r.key), r)
@@ -135,6 +163,54 @@ class MemoryStore(Store):
                         ):
                             self._journal[rec.id] = {}
                             self._attempts.pop(rec.id, None)
+        return result
+
+    def _check_unfinished(self, invocation_id: str, what: str) -> None:
+        rec = self._invocations.get(invocation_id)
+        if rec is None:
+            raise NotFoundError(f"invocation {invocation_id} does not exist")
+        if rec.status.finished:
+            raise ConflictError(
+                f"cannot {what} invocation {invocation_id}: it is already {rec.status.value}"
+            )
+
+    def _apply_events(self, write: Write) -> Any:
+        """Promises, signals, cancellations, wake-ups (validated already)."""
+        result: Any = None
+        wakes = [(w.invocation_id, w.at) for w in write.wakes]
+        for p in write.promises:
+            self._promises[p.id] = p
+        r = write.resolution
+        if r is not None:
+            promise = self._promises[r.promise_id]
+            self._promises[r.promise_id] = msgspec.structs.replace(
+                promise,
+                state="resolved" if r.ok else "rejected",
+                payload=r.payload,
+                type_tag=r.type_tag,
+                resolved_at=r.at,
+            )
+            wakes.append((promise.invocation_id, r.at))
+        sig = write.signal
+        if sig is not None:
+            signals = self._signals.setdefault(sig.invocation_id, [])
+            result = len(signals) + 1
+            signals.append(msgspec.structs.replace(sig, seq=result))
+            wakes.append((sig.invocation_id, sig.created_at))
+        for cancel in write.cancels:
+            rec = self._invocations[cancel.invocation_id]
+            if rec.cancel_reason is None:
+                self._invocations[cancel.invocation_id] = msgspec.structs.replace(
+                    rec, cancel_reason=cancel.reason
+                )
+            wakes.append((cancel.invocation_id, cancel.at))
+        for invocation_id, at in wakes:
+            found = self._invocations.get(invocation_id)
+            if found is None or found.status.finished:
+                continue
+            if found.wake_at is None or at < found.wake_at:
+                self._invocations[invocation_id] = msgspec.structs.replace(found, wake_at=at)
+        return result
 
     async def get_invocation(self, invocation_id: str) -> InvocationRecord | None:
         self._check_open()
@@ -216,6 +292,42 @@ class MemoryStore(Store):
     async def get_idempotent_result(self, scope: str, key: str) -> IdempotentResult | None:
         self._check_open()
         return self._idempotent.get((scope, key))
+
+    async def due_invocations(self, before: float, *, limit: int = 1000) -> list[InvocationRecord]:
+        self._check_open()
+        due = [
+            r
+            for r in self._invocations.values()
+            if r.status is Status.SUSPENDED and r.wake_at is not None and r.wake_at <= before
+        ]
+        due.sort(key=lambda r: (r.wake_at or 0.0, r.id))
+        return due[:limit]
+
+    async def next_wake_at(self) -> float | None:
+        self._check_open()
+        return min(
+            (
+                r.wake_at
+                for r in self._invocations.values()
+                if r.status is Status.SUSPENDED and r.wake_at is not None
+            ),
+            default=None,
+        )
+
+    async def get_promise(self, promise_id: str) -> PromiseRecord | None:
+        self._check_open()
+        return self._promises.get(promise_id)
+
+    async def read_signals(self, invocation_id: str, name: str) -> list[SignalRecord]:
+        self._check_open()
+        return [s for s in self._signals.get(invocation_id, []) if s.name == name]
+
+    async def list_children(self, parent_id: str) -> list[InvocationRecord]:
+        self._check_open()
+        return sorted(
+            (r for r in self._invocations.values() if r.parent_id == parent_id),
+            key=lambda r: (r.created_at, r.id),
+        )
 
 
 def _actor_of(invocation: InvocationRecord) -> tuple[str, str, int] | None:

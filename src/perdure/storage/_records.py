@@ -38,6 +38,21 @@ class EntryKind(enum.StrEnum):
     INPUT = "input"
     STEP = "step"
     OUTPUT = "output"
+    # A durable future's creation: a timer (payload: wake-up time), a child
+    # invocation (payload: its id), a promise (payload: its id), a wait for a
+    # signal (payload: the signal's name).
+    TIMER = "timer"
+    CALL = "call"
+    PROMISE = "promise"
+    SIGNAL = "signal"
+    # A durable future's outcome as the workflow observed it; ``name`` is the
+    # index of the future's creation entry. Recording the order in which
+    # outcomes arrived is what makes gather and select replay the same way.
+    COMPLETE = "complete"
+    # A cancellation (or a deadline) delivered at this durable point.
+    CANCEL = "cancel"
+    # A value published for read-only queries (name: the query's name).
+    PUBLISH = "publish"
 
 
 class InvocationRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -57,6 +72,15 @@ class InvocationRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     actor_type: str | None = None
     actor_key: str | None = None
     actor_seq: int | None = None
+    # The invocation that started this one as its child: woken when this
+    # one finishes.
+    parent_id: str | None = None
+    # A suspended invocation resumes at this time (None: when woken).
+    wake_at: float | None = None
+    # Cancelled at this time (a timeout), if it has not finished.
+    deadline: float | None = None
+    # Set when cancellation was requested; delivered at the next durable point.
+    cancel_reason: str | None = None
 
 
 class JournalEntry(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -117,10 +141,72 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 
 class StatusChange(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A new status. To SUSPENDED, ``wake_at`` is when to resume (None: when
+    woken); a wake-up recorded earlier and still pending is kept if it is
+    sooner, so that a wake that raced with the suspension is not lost. Any
+    other status clears the pending wake-up."""
+
     invocation_id: str
     status: Status
     updated_at: float
     last_error: str | None = None
+    wake_at: float | None = None
+
+
+class Wake(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """Resume an unfinished invocation at ``at`` (or sooner if already due)."""
+
+    invocation_id: str
+    at: float
+
+
+class PromiseRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A durable promise owned by one invocation, resolved from outside.
+
+    ``state`` is "pending", "resolved" or "rejected"; ``payload`` holds the
+    value (resolved) or the encoded error (rejected).
+    """
+
+    id: str
+    invocation_id: str
+    name: str
+    state: str
+    payload: bytes | None
+    type_tag: str | None
+    created_at: float
+    resolved_at: float | None = None
+
+
+class Resolution(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """Settle a pending promise and wake its owner. Conflicts if it is not
+    pending; NotFound if there is no such promise."""
+
+    promise_id: str
+    ok: bool
+    payload: bytes
+    type_tag: str | None
+    at: float
+
+
+class SignalRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A named signal sent to an invocation; ``seq`` orders an invocation's
+    signals (the store assigns it: 1, 2, 3...)."""
+
+    invocation_id: str
+    name: str
+    payload: bytes
+    type_tag: str | None
+    created_at: float
+    seq: int = 0
+
+
+class CancelRequest(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """Ask an unfinished invocation to cancel, and wake it. A finished one
+    conflicts; asking again keeps the first reason."""
+
+    invocation_id: str
+    reason: str
+    at: float
 
 
 class Write(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -136,3 +222,8 @@ class Write(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     # the actor's messages up to the oldest checkpoint kept.
     retain_checkpoints: int | None = None
     compact_journal: bool = False
+    wakes: tuple[Wake, ...] = ()
+    promises: tuple[PromiseRecord, ...] = ()
+    resolution: Resolution | None = None
+    signal: SignalRecord | None = None
+    cancels: tuple[CancelRequest, ...] = ()

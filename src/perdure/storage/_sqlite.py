@@ -25,6 +25,8 @@ from ._records import (
     IdempotentResult,
     InvocationRecord,
     JournalEntry,
+    PromiseRecord,
+    SignalRecord,
     Status,
     Write,
 )
@@ -111,6 +113,36 @@ _MIGRATIONS: list[str] = [
         created_at REAL NOT NULL,
         PRIMARY KEY (actor_type, actor_key, seq)
     );
+    """,
+    # version 3: durable timers, promises, signals, children, cancellation.
+    """
+    ALTER TABLE invocations ADD COLUMN parent_id TEXT;
+    ALTER TABLE invocations ADD COLUMN wake_at REAL;
+    ALTER TABLE invocations ADD COLUMN deadline REAL;
+    ALTER TABLE invocations ADD COLUMN cancel_reason TEXT;
+    CREATE INDEX invocations_wake ON invocations (wake_at)
+        WHERE status = 'suspended' AND wake_at IS NOT NULL;
+    CREATE INDEX invocations_children ON invocations (parent_id)
+        WHERE parent_id IS NOT NULL;
+    CREATE TABLE promises (
+        id TEXT PRIMARY KEY,
+        invocation_id TEXT NOT NULL REFERENCES invocations (id),
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        payload BLOB,
+        type_tag TEXT,
+        created_at REAL NOT NULL,
+        resolved_at REAL
+    ) WITHOUT ROWID;
+    CREATE TABLE signals (
+        invocation_id TEXT NOT NULL REFERENCES invocations (id),
+        seq INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        type_tag TEXT,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (invocation_id, seq)
+    ) WITHOUT ROWID;
     """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -332,8 +364,8 @@ class SQLiteStore(Store):
         )
         return result
 
-    async def commit(self, write: Write) -> None:
-        await self._writer().submit(None, write)
+    async def commit(self, write: Write) -> Any:
+        return await self._writer().submit(None, write)
 
     def _close_reader(self) -> None:
         if self._read_conn is not None:
@@ -525,3 +557,68 @@ class SQLiteStore(Store):
             invocation_id=r[5],
             created_at=r[6],
         )
+
+    # -- timers, promises, signals, children -------------------------------------
+
+    async def due_invocations(self, before: float, *, limit: int = 1000) -> list[InvocationRecord]:
+        rows = await self._read(
+            f"SELECT {INVOCATION_COLUMNS} FROM invocations WHERE status = 'suspended' "
+            "AND wake_at IS NOT NULL AND wake_at <= ? ORDER BY wake_at LIMIT ?",
+            (before, limit),
+        )
+        return [invocation_from_row(r) for r in rows]
+
+    async def next_wake_at(self) -> float | None:
+        rows = await self._read(
+            "SELECT min(wake_at) FROM invocations WHERE status = 'suspended' "
+            "AND wake_at IS NOT NULL",
+            (),
+        )
+        value = rows[0][0]
+        return None if value is None else float(value)
+
+    async def get_promise(self, promise_id: str) -> PromiseRecord | None:
+        rows = await self._read(
+            "SELECT id, invocation_id, name, state, payload, type_tag, created_at, resolved_at "
+            "FROM promises WHERE id = ?",
+            (promise_id,),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return PromiseRecord(
+            id=r[0],
+            invocation_id=r[1],
+            name=r[2],
+            state=r[3],
+            payload=r[4],
+            type_tag=r[5],
+            created_at=r[6],
+            resolved_at=r[7],
+        )
+
+    async def read_signals(self, invocation_id: str, name: str) -> list[SignalRecord]:
+        rows = await self._read(
+            "SELECT invocation_id, name, payload, type_tag, created_at, seq FROM signals "
+            "WHERE invocation_id = ? AND name = ? ORDER BY seq",
+            (invocation_id, name),
+        )
+        return [
+            SignalRecord(
+                invocation_id=r[0],
+                name=r[1],
+                payload=r[2],
+                type_tag=r[3],
+                created_at=r[4],
+                seq=r[5],
+            )
+            for r in rows
+        ]
+
+    async def list_children(self, parent_id: str) -> list[InvocationRecord]:
+        rows = await self._read(
+            f"SELECT {INVOCATION_COLUMNS} FROM invocations WHERE parent_id = ? "
+            "ORDER BY created_at, id",
+            (parent_id,),
+        )
+        return [invocation_from_row(r) for r in rows]

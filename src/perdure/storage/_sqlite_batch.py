@@ -26,15 +26,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .._errors import ConflictError, PerdureError, StorageError, StorageFullError
+from .._errors import ConflictError, NotFoundError, PerdureError, StorageError, StorageFullError
 from ._base import BeforeCommit
-from ._records import Checkpoint, InvocationRecord, JournalEntry, Status, Write
+from ._records import UNFINISHED, Checkpoint, InvocationRecord, JournalEntry, Status, Write
 
 INVOCATION_COLUMNS = (
     "id, target, input_hash, idempotency_key, status, created_at, updated_at, last_error, "
-    "actor_type, actor_key, actor_seq"
+    "actor_type, actor_key, actor_seq, parent_id, wake_at, deadline, cancel_reason"
 )
-_INVOCATION_WIDTH = 11
+_INVOCATION_WIDTH = 15
 CHECKPOINT_COLUMNS = (
     "actor_type, actor_key, seq, state, type_tag, checksum, state_version, created_at"
 )
@@ -128,6 +128,10 @@ def invocation_from_row(row: Sequence[Any]) -> InvocationRecord:
         actor_type=row[8],
         actor_key=row[9],
         actor_seq=row[10],
+        parent_id=row[11],
+        wake_at=row[12],
+        deadline=row[13],
+        cancel_reason=row[14],
     )
 
 
@@ -144,6 +148,10 @@ def invocation_row(inv: InvocationRecord) -> tuple[Any, ...]:
         inv.actor_type,
         inv.actor_key,
         inv.actor_seq,
+        inv.parent_id,
+        inv.wake_at,
+        inv.deadline,
+        inv.cancel_reason,
     )
 
 
@@ -377,7 +385,9 @@ def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
         )
         if w.status is not None:
             s = w.status
-            status_rows.append((s.invocation_id, s.status.value, s.updated_at, s.last_error))
+            status_rows.append(
+                (s.invocation_id, s.status.value, s.updated_at, s.last_error, s.wake_at)
+            )
         if w.idempotent is not None:
             r = w.idempotent
             idempotent_rows.append(
@@ -417,6 +427,10 @@ def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
             ) from None
     if status_rows:
         _update_statuses(conn, status_rows)
+    for i, op in enumerate(batch):
+        w = op.write
+        if w is not None and (w.wakes or w.promises or w.resolution or w.signal or w.cancels):
+            outcomes[i] = _apply_events(conn, w)
     if idempotent_rows:
         _insert_many(conn, _INSERT_IDEMPOTENT_HEAD, 7, idempotent_rows)
     if checkpoint_rows:
@@ -485,14 +499,99 @@ def _create_many(
         outcomes[i] = (existing, False)
 
 
+_UNFINISHED_SQL = "(" + ", ".join(f"'{s.value}'" for s in UNFINISHED) + ")"
+# A wake-up: resume at ``at``, or sooner if one is already pending.
+_WAKE_SQL = (
+    "UPDATE invocations SET wake_at = min(coalesce(wake_at, ?1), ?1) "
+    f"WHERE id = ?2 AND status IN {_UNFINISHED_SQL}"
+)
+
+
+def _apply_events(conn: sqlite3.Connection, w: Write) -> Any:
+    """Promises, signals, cancellations and wake-ups; returns a signal's seq."""
+    result: Any = None
+    wakes = [(x.at, x.invocation_id) for x in w.wakes]
+    if w.promises:
+        _insert_many(
+            conn,
+            "INSERT INTO promises (id, invocation_id, name, state, payload, type_tag, "
+            "created_at, resolved_at) VALUES ",
+            8,
+            [
+                (
+                    p.id,
+                    p.invocation_id,
+                    p.name,
+                    p.state,
+                    p.payload,
+                    p.type_tag,
+                    p.created_at,
+                    p.resolved_at,
+                )
+                for p in w.promises
+            ],
+        )
+    r = w.resolution
+    if r is not None:
+        row = conn.execute(
+            "SELECT state, invocation_id FROM promises WHERE id = ?", (r.promise_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFoundError(f"promise {r.promise_id} does not exist")
+        if row[0] != "pending":
+            raise ConflictError(f"promise {r.promise_id} is already {row[0]}")
+        conn.execute(
+            "UPDATE promises SET state = ?, payload = ?, type_tag = ?, resolved_at = ? "
+            "WHERE id = ?",
+            ("resolved" if r.ok else "rejected", r.payload, r.type_tag, r.at, r.promise_id),
+        )
+        wakes.append((r.at, row[1]))
+    sig = w.signal
+    if sig is not None:
+        _check_unfinished(conn, sig.invocation_id, "signal")
+        seq = conn.execute(
+            "SELECT coalesce(max(seq), 0) + 1 FROM signals WHERE invocation_id = ?",
+            (sig.invocation_id,),
+        ).fetchone()[0]
+        conn.execute(
+            "INSERT INTO signals (invocation_id, seq, name, payload, type_tag, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (sig.invocation_id, seq, sig.name, sig.payload, sig.type_tag, sig.created_at),
+        )
+        wakes.append((sig.created_at, sig.invocation_id))
+        result = seq
+    for c in w.cancels:
+        _check_unfinished(conn, c.invocation_id, "cancel")
+        conn.execute(
+            "UPDATE invocations SET cancel_reason = coalesce(cancel_reason, ?) WHERE id = ?",
+            (c.reason, c.invocation_id),
+        )
+        wakes.append((c.at, c.invocation_id))
+    if wakes:
+        conn.executemany(_WAKE_SQL, wakes)
+    return result
+
+
+def _check_unfinished(conn: sqlite3.Connection, invocation_id: str, what: str) -> None:
+    row = conn.execute("SELECT status FROM invocations WHERE id = ?", (invocation_id,)).fetchone()
+    if row is None:
+        raise NotFoundError(f"invocation {invocation_id} does not exist")
+    if Status(row[0]).finished:
+        raise ConflictError(f"cannot {what} invocation {invocation_id}: it is already {row[0]}")
+
+
 def _update_statuses(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
     wanted = len({r[0] for r in rows})
     changed = 0
     for chunk in _chunks(rows, 2000):
+        # To suspended: keep a pending wake-up that is sooner (it raced with
+        # the suspension); to any other status: clear it.
         cur = conn.execute(
             "UPDATE invocations SET status = v.column2, updated_at = v.column3, "
-            "last_error = v.column4 FROM (VALUES "
-            + ",".join(["(?, ?, ?, ?)"] * len(chunk))
+            "last_error = v.column4, wake_at = CASE WHEN v.column2 != 'suspended' THEN NULL "
+            "WHEN invocations.wake_at IS NULL THEN v.column5 WHEN v.column5 IS NULL "
+            "THEN invocations.wake_at ELSE min(invocations.wake_at, v.column5) END FROM (VALUES "
+            + ",".join(["(?, ?, ?, ?, ?)"] * len(chunk))
             + ") AS v WHERE invocations.id = v.column1",
             [x for row in chunk for x in row],
         )

@@ -1,0 +1,97 @@
+"""The timer service: resumes suspended invocations when they are due.
+
+A suspended invocation is a row with a ``wake_at`` time (a timer, a
+deadline) or none (it waits for a promise, a signal, a child). Whatever
+wakes it (a resolved promise, a signal, a finished child, a cancellation)
+sets ``wake_at`` to now in the same transaction. This loop asks the store
+for the rows due within ``timer_lead`` and resumes them by replay; the lead
+lets an invocation replay up to its sleep before the sleep is due, so it
+wakes on time even when thousands come due at once.
+
+It keeps only the soonest known wake-up time in memory, so a million
+sleeping invocations cost a million rows and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from ._errors import PerdureError
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
+
+log = logging.getLogger("perdure.timers")
+
+_BATCH = 1000
+_RETRY_SECONDS = 1.0  # after a storage error
+
+
+class TimerService:
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self._kick = asyncio.Event()
+        self._next: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="perdure:timers")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def schedule(self, at: float | None) -> None:
+        """An invocation was suspended until ``at`` (None: until woken);
+        look again if that is sooner than what the loop waits for."""
+        if at is not None and (self._next is None or at < self._next):
+            self._next = at
+            self._kick.set()
+
+    def kick(self) -> None:
+        """Something may have become due now: look at once."""
+        self._kick.set()
+
+    async def _run(self) -> None:
+        rt = self._rt
+        clock = rt.clock
+        while True:
+            # Awake and about to read the store: until it has, any schedule()
+            # kicks, so that a wake-up committed during the read is not missed.
+            self._kick.clear()
+            self._next = None
+            try:
+                due = await rt.store.due_invocations(clock.now() + rt.timer_lead, limit=_BATCH)
+                if due:
+                    await rt.resume(due)
+                    if len(due) == _BATCH:
+                        continue
+                self._next = await rt.store.next_wake_at()
+            except PerdureError as exc:
+                log.error("timer service: %s; retrying in %.0fs", exc, _RETRY_SECONDS)
+                await asyncio.sleep(_RETRY_SECONDS)
+                continue
+            except Exception:
+                log.exception("timer service failed; retrying in %.0fs", _RETRY_SECONDS)
+                await asyncio.sleep(_RETRY_SECONDS)
+                continue
+            if self._kick.is_set():
+                continue
+            waits: list[asyncio.Future[object]] = [asyncio.ensure_future(self._kick.wait())]
+            if self._next is not None:
+                delay = self._next - rt.timer_lead - clock.now()
+                if delay <= 0:
+                    # Due, but still running here (it is parking): look again soon.
+                    await asyncio.sleep(0.001)
+                    waits[0].cancel()
+                    continue
+                waits.append(asyncio.ensure_future(clock.sleep(delay)))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
