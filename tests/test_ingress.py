@@ -520,7 +520,7 @@ async def test_serve_refuses_an_open_api_on_a_public_address() -> None:
 
 def test_plain_import_does_not_need_the_server_extra() -> None:
     code = (
-        "import sys, perdure, perdure._cli\n"
+        "import sys, perdure, perdure._cli, perdure._cli_store, perdure._cli_serve\n"
         "loaded = {'starlette', 'uvicorn', 'httpx'} & set(sys.modules)\n"
         "assert not loaded, loaded"
     )

@@ -113,7 +113,7 @@ def recorded_error_view(record: Any, *, traceback: bool = False) -> dict[str, An
     return view
 
 
-def outcome_view(journal: list[JournalEntry]) -> dict[str, Any]:
+def outcome_view(journal: list[JournalEntry], *, traceback: bool = False) -> dict[str, Any]:
     """``{"result": ...}`` or ``{"error": ...}`` from a finished journal's output."""
     output = journal[-1] if journal and journal[-1].kind is EntryKind.OUTPUT else None
     if output is None:
@@ -121,4 +121,4 @@ def outcome_view(journal: list[JournalEntry]) -> dict[str, Any]:
     payload = _payload(output.payload)
     if output.ok:
         return {"result": payload}
-    return {"error": recorded_error_view(payload)}
+    return {"error": recorded_error_view(payload, traceback=traceback)}
