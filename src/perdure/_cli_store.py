@@ -167,21 +167,42 @@ def _console() -> Any:
     return Console(highlight=False, soft_wrap=False)
 
 
-_WHOLE = frozenset({"#", "seq", "invocation", "status", "created", "at", "kind", "ok"})
+# Ids, times and statuses stay whole (to be copied); long keys are cut short
+# (--json has them whole); the rest folds.
+_WHOLE = frozenset(
+    {"#", "seq", "invocation", "status", "created (UTC)", "at (UTC)", "kind", "ok", "actor"}
+)
 
 
 def _table(*columns: str) -> Any:
     from rich import box
     from rich.table import Table
 
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(box=box.SIMPLE_HEAD)
     for name in columns:
-        # Ids, times and statuses stay whole (to be copied); the rest folds.
         if name in _WHOLE:
             table.add_column(name, no_wrap=True)
+        elif name == "idempotency key":
+            table.add_column(name, no_wrap=True, max_width=20, overflow="ellipsis")
         else:
-            table.add_column(name, overflow="fold")
+            table.add_column(name, overflow="fold", min_width=20 if "value" in name else 12)
     return table
+
+
+def _print_table(console: Any, table: Any) -> None:
+    """Print ``table``; where the terminal is too narrow for its whole columns,
+    at its natural width: lines run long rather than ids being cut short."""
+    from rich.measure import Measurement
+
+    needed = Measurement.get(console, console.options.update(width=10_000), table)
+    if console.width < needed.minimum:
+        console.width = needed.maximum
+    console.print(table)
+
+
+def _when(iso: str) -> str:
+    """A view's time, shorter for a table: '2026-01-31 12:00:00' (UTC)."""
+    return iso[:19].replace("T", " ")
 
 
 def _status(status: str) -> str:
@@ -204,7 +225,7 @@ def _echo_json(value: Any) -> None:
 
 
 def _entries_table(entries: list[dict[str, Any]]) -> Any:
-    table = _table("#", "kind", "name", "ok", "attempts", "at", "value / error")
+    table = _table("#", "kind", "name", "ok", "attempts", "at (UTC)", "value / error")
     for e in entries:
         if e["ok"]:
             shown = _escape(_short(e["value"]))
@@ -216,7 +237,7 @@ def _entries_table(entries: list[dict[str, Any]]) -> Any:
             _escape(e["name"]),
             "yes" if e["ok"] else "[red]no[/]",
             str(e["attempts"]),
-            e["created_at"],
+            _when(e["created_at"]),
             shown,
         )
     return table
@@ -313,19 +334,19 @@ def list_invocations(
     if as_json:
         _echo_json({"invocations": views})
         return
-    table = _table("invocation", "target", "status", "created", "idempotency key", "actor")
+    table = _table("invocation", "target", "status", "created (UTC)", "idempotency key", "actor")
     for v in views:
         actor = v["actor"]
         table.add_row(
             v["invocation_id"],
             _escape(v["target"]),
             _status(v["status"]),
-            v["created_at"],
+            _when(v["created_at"]),
             _escape(v["idempotency_key"] or ""),
             "" if actor is None else _escape(f"{actor['type']}/{actor['key']} #{actor['seq']}"),
         )
     console = _console()
-    console.print(table)
+    _print_table(console, table)
     console.print(f"{len(views)} invocation(s)")
 
 
@@ -397,7 +418,7 @@ def journal(invocation_id: str, store: str, as_json: bool) -> None:
     if as_json:
         _echo_json({"invocation_id": invocation_id, "entries": entries})
         return
-    _console().print(_entries_table(entries))
+    _print_table(_console(), _entries_table(entries))
 
 
 # -- perdure actor -----------------------------------------------------------------------------
@@ -428,18 +449,18 @@ def actor_history(actor_type: str, key: str, store: str, app: str, as_json: bool
     if as_json:
         _echo_json({"actor_type": actor_type, "key": key, "messages": views})
         return
-    table = _table("seq", "invocation", "handler", "status", "created", "idempotency key")
+    table = _table("seq", "invocation", "handler", "status", "created (UTC)", "idempotency key")
     for v in views:
         table.add_row(
             str(v["actor"]["seq"]),
             v["invocation_id"],
             _escape(v["target"].rpartition(".")[2]),
             _status(v["status"]),
-            v["created_at"],
+            _when(v["created_at"]),
             _escape(v["idempotency_key"] or ""),
         )
     console = _console()
-    console.print(table)
+    _print_table(console, table)
     console.print(f"{len(views)} message(s) to {_escape(actor_type)}/{_escape(key)}")
 
 
@@ -556,4 +577,4 @@ def fork(
         )
     elif view["status"] == "completed":
         console.print(f"result: {_escape(dumps_pretty(view['value']))}")
-    console.print(_entries_table(view["journal"]))
+    _print_table(console, _entries_table(view["journal"]))
