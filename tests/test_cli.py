@@ -221,7 +221,7 @@ def test_actor_history_and_state(populated: Populated) -> None:
 
     r = cli("actor", "state", "Ledger", "acct", "--at", "9", *args, ok=False)
     assert r.exit_code == 1
-    assert "has handled 3 message(s)" in r.output
+    assert "latest message of actor Ledger/acct is #3" in r.output
     r = cli("actor", "history", "Ledger", "acct", "--store", populated.url, ok=False)
     assert r.exit_code == 2
     assert "--app" in r.output

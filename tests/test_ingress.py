@@ -93,6 +93,9 @@ class Scratch(perdure.Actor[Tally]):
     async def explode(self, ctx: perdure.Context) -> int:
         raise ValueError("the scratch exploded")
 
+    async def history(self, ctx: perdure.Context) -> str:
+        return "a handler may be called history"
+
 
 @dataclasses.dataclass
 class Api:
@@ -277,7 +280,7 @@ async def test_actor_ask_tell_history_and_state(api: Api) -> None:
     # Reading the past made no external call.
     assert len(EFFECTS) == 3
     message = _error(await api.http.get("/actors/Counter/alice/state?at=4"), 404, "not_found")
-    assert "3 message" in message
+    assert "latest message of actor Counter/alice is #3" in message
     _error(await api.http.get("/actors/Counter/alice/state?at=-1"), 400, "bad_request")
 
 
@@ -316,6 +319,9 @@ async def test_plain_actor(api: Api) -> None:
     assert "DurabilityFacet" in _error(
         await api.http.get("/actors/Scratch/x/history"), 404, "not_found"
     )
+    # POST reaches the handler of that name; GET is the time-travel read.
+    r = await api.http.post("/actors/Scratch/x/history")
+    assert r.json()["result"] == "a handler may be called history"
 
 
 # -- bad requests ---------------------------------------------------------------------
@@ -464,7 +470,9 @@ async def test_openapi_document(api: Api) -> None:
         "/invocations/{invocation_id}/journal",
     ):
         assert path in paths, path
-    assert "/actors/Scratch/{key}/history" not in paths  # a plain actor keeps none
+    # A plain actor keeps no history; Scratch.history is a handler.
+    assert set(paths["/actors/Scratch/{key}/history"]) == {"post"}
+    assert "/actors/Scratch/{key}/state" not in paths
     post = paths["/workflows/shop.order"]["post"]
     assert post["requestBody"]["required"] is True
     keyword, positional = post["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
@@ -537,3 +545,7 @@ def test_plain_import_does_not_need_the_server_extra() -> None:
         "assert not loaded, loaded"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_ingress_public_names() -> None:
+    assert perdure.ingress.__all__ == ["create_app", "is_loopback", "serve"]

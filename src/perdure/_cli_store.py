@@ -490,8 +490,8 @@ def actor_state(
             last = max((m.actor_seq or 0 for m in history), default=0)
             if at is not None and at > last:
                 raise click.ClickException(
-                    f"actor {actor_type}/{key} has handled {last} message(s); there is no state "
-                    f"after message {at}"
+                    f"the latest message of actor {actor_type}/{key} is #{last}; there is no "
+                    f"state after message {at}"
                 )
             state = await ref.state_at(at)
         return {

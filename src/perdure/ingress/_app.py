@@ -141,11 +141,10 @@ def _guarded(endpoint: Callable[[_Ingress, Request], Awaitable[Response]]) -> An
     return guarded
 
 
-def _created(handle: InvocationHandle[Any], status: str) -> Response:
+def _created(request: Request, handle: InvocationHandle[Any], status: str) -> Response:
+    location = f"{request.scope.get('root_path', '')}/invocations/{handle.id}"
     return json_response(
-        202,
-        {"invocation_id": handle.id, "status": status},
-        {"Location": f"/invocations/{handle.id}"},
+        202, {"invocation_id": handle.id, "status": status}, {"Location": location}
     )
 
 
@@ -204,8 +203,8 @@ class _Ingress:
         args, kwargs = decode_arguments(wf, body, f"workflow {wf.name!r}")
         handle = await self.client.start(wf, *args, idempotency_key=key, **kwargs)
         if not wait:
-            return _created(handle, (await handle.status()).value)
-        return await self._outcome(handle, timeout)
+            return _created(request, handle, (await handle.status()).value)
+        return await self._outcome(request, handle, timeout)
 
     @_guarded
     async def send_actor(self, request: Request) -> Response:
@@ -248,14 +247,16 @@ class _Ingress:
         handle = await ref.tell(name, *args, idempotency_key=key, **kwargs)
         assert handle is not None
         if not wait:
-            return _created(handle, (await handle.status()).value)
-        return await self._outcome(handle, timeout)
+            return _created(request, handle, (await handle.status()).value)
+        return await self._outcome(request, handle, timeout)
 
-    async def _outcome(self, handle: InvocationHandle[Any], timeout: float | None) -> Response:
+    async def _outcome(
+        self, request: Request, handle: InvocationHandle[Any], timeout: float | None
+    ) -> Response:
         try:
             value = await handle.result(timeout=timeout)
         except TimeoutError:
-            return _created(handle, "running")
+            return _created(request, handle, "running")
         except InvocationFailedError as exc:
             return json_response(
                 500, {"invocation_id": handle.id, "status": "failed", "error": error_view(exc)}
@@ -331,8 +332,8 @@ class _Ingress:
             raise HTTPError(
                 404,
                 "not_found",
-                f"actor {definition.name}/{key} has handled {last} message(s); there is no "
-                f"state after message {at}",
+                f"the latest message of actor {definition.name}/{key} is #{last}; there is "
+                f"no state after message {at}",
             )
         state = await ref.state_at(at)
         return json_response(

@@ -269,45 +269,65 @@ def _read(summary: str, operation_id: str, schema: dict[str, Any] | str, **extra
     }
 
 
+def _add(paths: dict[str, Any], path: str, operations: dict[str, Any]) -> None:
+    """Add operations to a path: a handler may share a path with a read
+    (POST /actors/T/{key}/history is the handler, GET the history)."""
+    paths.setdefault(path, {}).update(operations)
+
+
 def openapi_document(runtime: Runtime, *, auth: bool) -> dict[str, Any]:
     """The OpenAPI 3.1 document of the ingress over ``runtime``."""
     schemas = _Schemas()
     paths: dict[str, Any] = {}
     for name, wf in sorted(runtime.workflows.items()):
         body, result = schemas.body(wf), schemas.of(wf.return_hint)
-        paths[f"/workflows/{name}"] = {
-            "post": _invoke(
-                f"Run workflow {name} and wait for its result",
-                _operation_id("run", name),
-                body,
-                result,
-                [_WAIT, _TIMEOUT, _IDEMPOTENCY],
-                wait=True,
-            )
-        }
-        paths[f"/workflows/{name}/start"] = {
-            "post": _invoke(
-                f"Start workflow {name}",
-                _operation_id("start", name),
-                body,
-                result,
-                [_IDEMPOTENCY],
-                wait=False,
-            )
-        }
-    for actor_name, definition in sorted(runtime.actors.items()):
-        for handler_name, handler in sorted(definition.handlers.items()):
-            paths[f"/actors/{actor_name}/{{key}}/{handler_name}"] = {
+        _add(
+            paths,
+            f"/workflows/{name}",
+            {
                 "post": _invoke(
-                    f"Send {handler_name} to the {actor_name} actor with this key "
-                    "(ask; tell with wait=false)",
-                    _operation_id("send", actor_name, handler_name),
-                    schemas.body(handler),
-                    schemas.of(handler.return_hint),
-                    [_KEY, _WAIT, _TIMEOUT, _IDEMPOTENCY] if definition.durable else [_KEY, _WAIT],
+                    f"Run workflow {name} and wait for its result",
+                    _operation_id("run", name),
+                    body,
+                    result,
+                    [_WAIT, _TIMEOUT, _IDEMPOTENCY],
                     wait=True,
                 )
-            }
+            },
+        )
+        _add(
+            paths,
+            f"/workflows/{name}/start",
+            {
+                "post": _invoke(
+                    f"Start workflow {name}",
+                    _operation_id("start", name),
+                    body,
+                    result,
+                    [_IDEMPOTENCY],
+                    wait=False,
+                )
+            },
+        )
+    for actor_name, definition in sorted(runtime.actors.items()):
+        for handler_name, handler in sorted(definition.handlers.items()):
+            _add(
+                paths,
+                f"/actors/{actor_name}/{{key}}/{handler_name}",
+                {
+                    "post": _invoke(
+                        f"Send {handler_name} to the {actor_name} actor with this key "
+                        "(ask; tell with wait=false)",
+                        _operation_id("send", actor_name, handler_name),
+                        schemas.body(handler),
+                        schemas.of(handler.return_hint),
+                        [_KEY, _WAIT, _TIMEOUT, _IDEMPOTENCY]
+                        if definition.durable
+                        else [_KEY, _WAIT],
+                        wait=True,
+                    )
+                },
+            )
         if definition.durable:
             history = {
                 "type": "object",
@@ -317,11 +337,15 @@ def openapi_document(runtime: Runtime, *, auth: bool) -> dict[str, Any]:
                     "messages": {"type": "array", "items": _ref("Invocation")},
                 },
             }
-            paths[f"/actors/{actor_name}/{{key}}/history"] = _read(
-                f"Every message the {actor_name} actor with this key handled, in order",
-                _operation_id("history", actor_name),
-                history,
-                parameters=[_KEY],
+            _add(
+                paths,
+                f"/actors/{actor_name}/{{key}}/history",
+                _read(
+                    f"Every message the {actor_name} actor with this key handled, in order",
+                    _operation_id("history", actor_name),
+                    history,
+                    parameters=[_KEY],
+                ),
             )
             state = {
                 "type": "object",
@@ -338,31 +362,43 @@ def openapi_document(runtime: Runtime, *, auth: bool) -> dict[str, Any]:
                 "schema": {"type": "integer", "minimum": 0},
                 "description": "the state after this message of the history (default: the latest)",
             }
-            paths[f"/actors/{actor_name}/{{key}}/state"] = _read(
-                f"The state of the {actor_name} actor with this key (time travel with at=N)",
-                _operation_id("state", actor_name),
-                state,
-                parameters=[_KEY, at],
+            _add(
+                paths,
+                f"/actors/{actor_name}/{{key}}/state",
+                _read(
+                    f"The state of the {actor_name} actor with this key (time travel with at=N)",
+                    _operation_id("state", actor_name),
+                    state,
+                    parameters=[_KEY, at],
+                ),
             )
     listing = {
         "type": "object",
         "properties": {"invocations": {"type": "array", "items": _ref("Invocation")}},
     }
-    paths["/invocations"] = _read(
-        "Invocations, oldest first",
-        "list_invocations",
-        listing,
-        parameters=[
-            {"name": "status", "in": "query", "schema": {"type": "string"}},
-            {"name": "target", "in": "query", "schema": {"type": "string"}},
-            {"name": "limit", "in": "query", "schema": {"type": "integer", "default": 100}},
-        ],
+    _add(
+        paths,
+        "/invocations",
+        _read(
+            "Invocations, oldest first",
+            "list_invocations",
+            listing,
+            parameters=[
+                {"name": "status", "in": "query", "schema": {"type": "string"}},
+                {"name": "target", "in": "query", "schema": {"type": "string"}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "default": 100}},
+            ],
+        ),
     )
-    paths["/invocations/{invocation_id}"] = _read(
-        "An invocation's status, and its result or error once finished",
-        "get_invocation",
-        "Invocation",
-        parameters=[_INVOCATION_ID],
+    _add(
+        paths,
+        "/invocations/{invocation_id}",
+        _read(
+            "An invocation's status, and its result or error once finished",
+            "get_invocation",
+            "Invocation",
+            parameters=[_INVOCATION_ID],
+        ),
     )
     journal = {
         "type": "object",
@@ -371,11 +407,15 @@ def openapi_document(runtime: Runtime, *, auth: bool) -> dict[str, Any]:
             "entries": {"type": "array", "items": _ref("JournalEntry")},
         },
     }
-    paths["/invocations/{invocation_id}/journal"] = _read(
-        "An invocation's journal, entry by entry",
-        "get_journal",
-        journal,
-        parameters=[_INVOCATION_ID],
+    _add(
+        paths,
+        "/invocations/{invocation_id}/journal",
+        _read(
+            "An invocation's journal, entry by entry",
+            "get_journal",
+            journal,
+            parameters=[_INVOCATION_ID],
+        ),
     )
     components: dict[str, Any] = {"schemas": {**schemas.components, **_BASE_SCHEMAS}}
     document: dict[str, Any] = {
