@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
+import decimal
 import logging
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pydantic
 import pytest
 
 import perdure
@@ -64,6 +67,20 @@ async def wait_for_gate(ctx: perdure.Context) -> str:
 GATES: list[Gate] = []
 
 
+class Customer(pydantic.BaseModel):
+    name: str
+    tier: int
+
+
+@perdure.workflow(name="shop.typed")
+async def typed(
+    ctx: perdure.Context, when: datetime.datetime, price: decimal.Decimal, who: Customer
+) -> dict[str, Any]:
+    assert isinstance(when, datetime.datetime)
+    assert isinstance(who, Customer)
+    return {"year": when.year, "cents": int(price * 100), "who": who.name}
+
+
 @dataclasses.dataclass
 class Tally:
     total: int = 0
@@ -105,7 +122,7 @@ class Api:
 
 @pytest.fixture
 async def api(backend: Backend) -> AsyncIterator[Api]:
-    rt = backend.runtime([order, refund, wait_for_gate], actors=[Counter, Scratch])
+    rt = backend.runtime([order, refund, wait_for_gate, typed], actors=[Counter, Scratch])
     async with rt:
         app = create_app(rt, token=TOKEN, max_body_bytes=LIMIT)
         transport = httpx.ASGITransport(app=app)
@@ -359,6 +376,34 @@ async def test_wrong_types_and_arguments(api: Api) -> None:
     r = await api.http.post("/actors/Counter/a/add", json={"n": "x"})
     assert "argument 'n'" in _error(r, 422, "invalid_arguments")
     assert EFFECTS == []
+
+
+async def test_types_beyond_json(api: Api) -> None:
+    """Arguments decode with JSON's rules against their hints: a datetime from
+    a string, a Decimal from a string, a pydantic model."""
+    body = {
+        "when": "2026-01-31T12:00:00Z",
+        "price": "1.25",
+        "who": {"name": "Ann", "tier": 2},
+    }
+    r = await api.http.post("/workflows/shop.typed", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["result"] == {"year": 2026, "cents": 125, "who": "Ann"}
+    bad = dict(body, who={"name": "Ann", "tier": "gold"})
+    message = _error(
+        await api.http.post("/workflows/shop.typed", json=bad), 422, "invalid_arguments"
+    )
+    assert "argument 'who'" in message
+    assert "tier" in message
+    bad = dict(body, stock={"seven": "tea"})
+    message = _error(
+        await api.http.post("/workflows/shop.typed", json=bad), 422, "invalid_arguments"
+    )
+    assert "argument 'stock'" in message
+    bad = dict(body, when="yesterday")
+    _error(await api.http.post("/workflows/shop.typed", json=bad), 422, "invalid_arguments")
+    doc = (await api.http.get("/openapi.json")).json()
+    assert "Customer" in doc["components"]["schemas"]
 
 
 async def test_unknown_workflow_actor_handler_invocation(api: Api) -> None:

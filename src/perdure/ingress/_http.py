@@ -148,26 +148,22 @@ def decode_arguments(
     the same input, and an Idempotency-Key retry matches.
     """
     if not body.strip():
-        raw: Any = {}
-    else:
-        try:
-            raw = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
-            raise HTTPError(
-                400, "malformed_json", f"the request body is not valid JSON: {exc}"
-            ) from None
-    if isinstance(raw, dict):
-        args: tuple[Any, ...] = ()
-        kwargs: dict[str, Any] = raw
-    elif isinstance(raw, list):
-        args, kwargs = tuple(raw), {}
-    else:
+        body = b"{}"
+    try:
+        raw = _ARGUMENTS.decode(body)
+    except msgspec.ValidationError:
         raise HTTPError(
             422,
             "invalid_arguments",
             f"{what}: the body must be a JSON object of keyword arguments or a JSON array "
-            f"of positional arguments, not a {type(raw).__name__}",
-        )
+            "of positional arguments",
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise HTTPError(
+            400, "malformed_json", f"the request body is not valid JSON: {exc}"
+        ) from None
+    args: tuple[Any, ...] = tuple(raw) if isinstance(raw, list) else ()
+    kwargs: dict[str, Any] = raw if isinstance(raw, dict) else {}
     try:
         bound = definition.signature.bind(*([None] * definition.leading), *args, **kwargs)
     except TypeError as exc:
@@ -175,19 +171,22 @@ def decode_arguments(
     parameters = definition.signature.parameters
     for name, value in list(bound.arguments.items())[definition.leading :]:
         hint = definition.hints.get(name)
-        if hint is None:
-            continue
         kind = parameters[name].kind
         if kind is inspect.Parameter.VAR_POSITIONAL:
-            converted: Any = tuple(
-                _convert(v, hint, f"{name}[{i}]", what) for i, v in enumerate(value)
+            decoded: Any = tuple(
+                _decode(v, hint, f"{name}[{i}]", what) for i, v in enumerate(value)
             )
         elif kind is inspect.Parameter.VAR_KEYWORD:
-            converted = {k: _convert(v, hint, k, what) for k, v in value.items()}
+            decoded = {k: _decode(v, hint, k, what) for k, v in value.items()}
         else:
-            converted = _convert(value, hint, name, what)
-        bound.arguments[name] = converted
+            decoded = _decode(value, hint, name, what)
+        bound.arguments[name] = decoded
     return bound.args[definition.leading :], bound.kwargs
+
+
+# Each argument stays raw JSON until it is decoded against its own type hint,
+# with JSON's own rules (strict types; object keys may decode to ints).
+_ARGUMENTS = msgspec.json.Decoder(dict[str, msgspec.Raw] | list[msgspec.Raw])
 
 
 def _dec_hook(tp: Any, obj: Any) -> Any:
@@ -197,12 +196,14 @@ def _dec_hook(tp: Any, obj: Any) -> Any:
     raise NotImplementedError(f"cannot decode into {tp!r}")
 
 
-def _convert(value: Any, hint: Any, name: str, what: str) -> Any:
+def _decode(raw: msgspec.Raw, hint: Any, name: str, what: str) -> Any:
     try:
-        validate = getattr(hint, "model_validate", None)
+        if hint is None or hint is Any:
+            return msgspec.json.decode(raw)
+        validate = getattr(hint, "model_validate_json", None)
         if validate is not None:  # a pydantic model
-            return validate(value)
-        return msgspec.convert(value, hint, strict=True, dec_hook=_dec_hook)
+            return validate(bytes(raw))
+        return msgspec.json.decode(raw, type=hint, strict=True, dec_hook=_dec_hook)
     except (msgspec.ValidationError, ValueError, TypeError) as exc:
         detail = str(exc).replace("`$", f"`{name}")
         raise HTTPError(422, "invalid_arguments", f"{what}: argument {name!r}: {detail}") from None
