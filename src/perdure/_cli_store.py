@@ -524,7 +524,8 @@ def actor_state(
 @click.option(
     "--live",
     is_flag=True,
-    help="Run the steps after the prefix (in the sandbox) instead of stopping before the first.",
+    help="Run the steps after the prefix instead of stopping before the first. Their "
+    "external calls are real; only their results stay in the sandbox.",
 )
 @store_option
 @app_option(required=True)

@@ -48,8 +48,6 @@ log = logging.getLogger("perdure.ingress")
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 MAX_LIST_LIMIT = 1000
 
-Endpoint = Callable[[Request], Awaitable[Response]]
-
 
 def create_app(
     runtime: Runtime, *, token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
