@@ -2,8 +2,10 @@
 
 ``perdure demo`` runs the payment demo (a worker process killed with SIGKILL
 mid-batch, restarted, checked); ``perdure bench`` runs the benchmarks when
-``perdure._bench`` is installed. Commands import what they need when they
-run, so ``perdure --help`` stays fast.
+``perdure._bench`` is installed; ``perdure serve`` serves an application's
+workflows and actors over HTTP; ``perdure invocations``, ``journal``,
+``actor`` and ``fork`` read a store. Commands import what they need when
+they run, so ``perdure --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ from . import __version__
 # Commands defined in modules of their own, imported only when used. A module
 # that is absent from this installation simply does not show up.
 _LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "actor": ("perdure._cli_store", "actor"),
     "bench": ("perdure._bench", "bench"),
+    "fork": ("perdure._cli_store", "fork"),
+    "invocations": ("perdure._cli_store", "invocations"),
+    "journal": ("perdure._cli_store", "journal"),
+    "serve": ("perdure._cli_serve", "serve"),
 }
 
 

@@ -113,10 +113,14 @@ class InvocationHandle(Generic[R]):
 
     async def status(self) -> Status:
         """The invocation's current status."""
+        return (await self.record()).status
+
+    async def record(self) -> InvocationRecord:
+        """The invocation's stored record: target, status, idempotency key, times, actor."""
         rec = await self._rt.store.get_invocation(self.id)
         if rec is None:
             raise NotFoundError(f"invocation {self.id} does not exist")
-        return rec.status
+        return rec
 
     async def result(self, *, timeout: float | None = None) -> R:
         """Wait for the invocation to finish and return its result.

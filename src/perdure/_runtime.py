@@ -252,6 +252,11 @@ class Runtime:
     def workflows(self) -> dict[str, Workflow[Any, Any]]:
         return dict(self._workflows)
 
+    @property
+    def actors(self) -> dict[str, ActorDef]:
+        """The registered actor types, by name."""
+        return dict(self._actors)
+
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:

@@ -8,10 +8,11 @@ payment was really charged. The ledger is an idempotent upsert.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sqlite3
 import threading
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from .._actor import Actor, DurabilityFacet
 from .._context import Context, current_step
@@ -107,6 +108,20 @@ def build_payment_workflow(
         return PaymentResult(request.payment_id, result.transaction_id, result.status)
 
     return process_payment
+
+
+def service() -> list[Any]:
+    """The payment service, for ``perdure serve --app perdure._demo.payments:service``.
+
+    The payment workflow (each payment also credits its customer's durable
+    :class:`Account`) and the Account actor. The fake provider and the
+    ledger keep their SQLite files, ``provider.db`` and ``ledger.db``, in
+    the directory ``PERDURE_DEMO_DIR`` names (default: the current one).
+    """
+    directory = os.environ.get("PERDURE_DEMO_DIR", ".")
+    provider = SQLiteProvider(os.path.join(directory, "provider.db"))
+    ledger = SQLiteLedger(os.path.join(directory, "ledger.db"))
+    return [build_payment_workflow(provider, ledger, accounts=True), Account]
 
 
 class _SQLiteFile:
