@@ -47,7 +47,7 @@ def error_view(exc: BaseException) -> dict[str, str]:
 
     Never its traceback: that stays in the journal and the server's log.
     """
-    if isinstance(exc, InvocationFailedError):
+    if isinstance(exc, InvocationFailedError) and exc.cause is not None:
         exc = exc.cause
     if isinstance(exc, StepFailedError):
         return {"type": exc.type_name.rpartition(":")[2], "message": exc.message}
