@@ -78,7 +78,16 @@ STORAGE_ALL = [
     "open_store",
 ]
 
-TESTING_ALL = ["FakeClock", "Hooks", "StepInfo"]
+TESTING_ALL = [
+    "CrashPoint",
+    "CrashReport",
+    "FakeClock",
+    "Hooks",
+    "SimulatedCrash",
+    "StepInfo",
+    "crash_at_every_point",
+    "runtime",
+]
 
 # The exception tree documented in perdure/_errors.py.
 ERROR_BASES = {
