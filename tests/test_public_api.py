@@ -37,6 +37,7 @@ PERDURE_ALL = [
     "RuntimeLockedError",
     "RuntimeStats",
     "Saga",
+    "Schedule",
     "SerializationError",
     "SignalWait",
     "Status",

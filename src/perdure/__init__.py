@@ -49,6 +49,7 @@ from ._retry import RetryPolicy as RetryPolicy
 from ._runtime import Runtime as Runtime
 from ._runtime import RuntimeStats as RuntimeStats
 from ._saga import Saga as Saga
+from ._schedule import Schedule as Schedule
 from ._sync import SyncHandle as SyncHandle
 from ._sync import SyncRuntime as SyncRuntime
 from ._workflow import Workflow as Workflow
@@ -86,6 +87,7 @@ __all__ = [
     "RuntimeLockedError",
     "RuntimeStats",
     "Saga",
+    "Schedule",
     "SerializationError",
     "SignalWait",
     "Status",

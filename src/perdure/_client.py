@@ -281,13 +281,27 @@ class ActorRef:
         /,
         *args: Any,
         idempotency_key: str | None = None,
+        delay: timedelta | None = None,
         **kwargs: Any,
     ) -> InvocationHandle[Any] | None:
         """Send a message without waiting for it to be handled.
 
         For a durable actor, returns once the message is recorded, with a
         handle to its invocation; for a plain actor, returns None at once.
+        With ``delay``, the message is recorded now and delivered once the
+        delay has passed, also across restarts; the handle is the delivery's.
         """
+        if delay is not None:
+            rec = await self._rt.send_later(
+                self._definition,
+                self.key,
+                handler,
+                args,
+                kwargs,
+                delay,
+                idempotency_key=idempotency_key,
+            )
+            return InvocationHandle(self._rt, rec.id, rec.target)
         sent = await self._rt.send_actor(
             self._definition,
             self.key,

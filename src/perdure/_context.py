@@ -877,13 +877,32 @@ class CallableActor:
         ask_actor.__annotations__ = {"return": target.return_hint}
         return await self._ctx.run(f"ask {target.name} {key}", ask_actor, retry=_ONCE)
 
-    async def tell(self, handler: Any, /, *args: Any, **kwargs: Any) -> str | None:
+    async def tell(
+        self, handler: Any, /, *args: Any, delay: timedelta | None = None, **kwargs: Any
+    ) -> str | None:
         """Send a message without waiting, as one journaled step.
 
-        Returns the message's invocation id (None for a plain actor).
+        Returns the message's invocation id (None for a plain actor). With
+        ``delay``, it is delivered once the delay has passed (the id is then
+        the delivery's).
         """
         definition, key, rt = self._definition, self.key, self._ctx._rt
         target = definition.handler(handler)
+        if delay is not None:
+
+            async def tell_later() -> str:
+                rec = await rt.send_later(
+                    definition,
+                    key,
+                    handler,
+                    args,
+                    kwargs,
+                    delay,
+                    idempotency_key=current_step().key,
+                )
+                return rec.id
+
+            return await self._ctx.run(f"tell {target.name} {key} later", tell_later, retry=_ONCE)
 
         async def tell_actor() -> str | None:
             sent = await rt.send_actor(

@@ -43,6 +43,7 @@ from ._hooks import Hooks, fire
 from ._journal import Replay
 from ._pool import StepPool
 from ._retry import RetryPolicy
+from ._schedule import INTERNAL_WORKFLOWS, Schedule, schedule_link
 from ._serde import Codec
 from ._timers import TimerService
 from ._workflow import Workflow, as_workflow
@@ -126,6 +127,7 @@ class Runtime:
         actor_idle_seconds: float = 60.0,
         timer_lead: timedelta = timedelta(seconds=1),
         always_replay: bool = False,
+        schedules: Iterable[Schedule] = (),
     ) -> None:
         from ._client import Client
 
@@ -161,8 +163,18 @@ class Runtime:
         self._max_step_threads = max_step_threads
         self._pool: StepPool | None = None
         self._workflows: dict[str, Workflow[Any, Any]] = {}
-        for wf in workflows:
+        for wf in (*INTERNAL_WORKFLOWS, *workflows):
             self.register(wf)
+        self.schedules: dict[str, Schedule] = {}
+        for schedule in schedules:
+            if not isinstance(schedule, Schedule):
+                raise ConfigurationError(f"schedules must be perdure.Schedule, not {schedule!r}")
+            if schedule.key in self.schedules:
+                raise ConfigurationError(
+                    f"two schedules are named {schedule.key!r}; give one another name="
+                )
+            self.register(schedule.workflow)
+            self.schedules[schedule.key] = schedule
         self._actors: dict[str, ActorDef] = {}
         for cls in actors:
             self.register_actor(cls)
@@ -241,7 +253,7 @@ class Runtime:
             name = getattr(target, "__qualname__", None)
         wf = self._workflows.get(name) if isinstance(name, str) else None
         if wf is None:
-            known = ", ".join(sorted(self._workflows)) or "none"
+            known = ", ".join(sorted(self.workflows)) or "none"
             raise UnknownWorkflowError(
                 f"no workflow named {name or target!r} is registered with this runtime "
                 f"(registered: {known}); pass it in Runtime(workflows=[...])"
@@ -250,7 +262,8 @@ class Runtime:
 
     @property
     def workflows(self) -> dict[str, Workflow[Any, Any]]:
-        return dict(self._workflows)
+        """The registered workflows, without Perdure's own (``perdure.*``)."""
+        return {n: w for n, w in self._workflows.items() if not n.startswith("perdure.")}
 
     @property
     def actors(self) -> dict[str, ActorDef]:
@@ -273,6 +286,12 @@ class Runtime:
                 await self.stop()
                 raise
             self.timers.start()
+            try:
+                for schedule in self.schedules.values():
+                    await schedule_link(self, schedule, schedule.next_after(self.clock.now()))
+            except BaseException:
+                await self.stop()
+                raise
 
     async def stop(self) -> None:
         """Stop running invocations (they resume on the next start) and close."""
@@ -676,6 +695,36 @@ class Runtime:
             return stored
         finally:
             activation.sending -= 1
+
+    async def send_later(
+        self,
+        definition: ActorDef,
+        key: str,
+        handler_name: str | Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        delay: timedelta,
+        *,
+        idempotency_key: str | None = None,
+    ) -> InvocationRecord:
+        """A durable delayed message: delivered (as a tell) once ``delay`` passed."""
+        from ._schedule import DELIVER_WORKFLOW
+
+        if not isinstance(delay, timedelta) or delay < timedelta(0):
+            raise TypeError(f"delay must be a non-negative timedelta, not {delay!r}")
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"an actor key must be a non-empty string, not {key!r}")
+        handler = definition.handler(handler_name)
+        handler.check_arguments(args, kwargs)
+        due = self.clock.now() + delay.total_seconds()
+        method = handler.name.rpartition(".")[2]
+        rec, _ = await self.submit(
+            DELIVER_WORKFLOW,
+            (definition.name, key, method, list(args), kwargs, due),
+            {},
+            idempotency_key=idempotency_key,
+        )
+        return rec
 
     def post_plain(
         self,
