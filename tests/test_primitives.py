@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -588,3 +589,46 @@ async def test_always_replay_catches_code_that_is_not_deterministic(backend: Bac
         with pytest.raises(perdure.InvocationStoppedError) as info:
             await asyncio.wait_for(rt.client.run(flaky_names), 10)
         assert isinstance(info.value.reason, perdure.NonDeterminismError)
+
+
+# -- actors -------------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    count: int = 0
+
+
+class Snoozer(perdure.Actor[Tally]):
+    durability = perdure.DurabilityFacet(checkpoint_every=1)
+
+    async def snooze(self, ctx: perdure.Context, hours: int) -> int:
+        await ctx.sleep(timedelta(hours=hours))  # holds the mailbox: waits in memory
+        self.state.count += 1
+        return self.state.count
+
+
+async def test_an_actor_handler_sleeps_durably_in_memory(backend: Backend) -> None:
+    clock = FakeClock()
+    async with backend.runtime([], actors=[Snoozer], clock=clock) as rt:
+        ref = rt.client.actor(Snoozer, "s")
+        assert await asyncio.wait_for(ref.ask(Snoozer.snooze, 5), 10) == 1
+        assert await asyncio.wait_for(ref.ask(Snoozer.snooze, 1), 10) == 2
+        assert rt.stats.invocations_parked == 0
+        history = await ref.history()
+        journal = await rt.client.journal(history[0].id)
+        assert kinds(journal) == ["input", "timer", "complete", "output"]
+
+
+async def test_a_cancelled_actor_message_does_not_stop_the_actor(backend: Backend) -> None:
+    clock = FakeClock(autojump=False)
+    async with backend.runtime([], actors=[Snoozer], clock=clock) as rt:
+        ref = rt.client.actor(Snoozer, "t")
+        first = await ref.tell(Snoozer.snooze, 100)
+        assert first is not None
+        await status_is(first, Status.RUNNING)
+        await first.cancel("not needed")
+        with pytest.raises(perdure.InvocationCancelledError):
+            await asyncio.wait_for(first.result(), 10)
+        second = asyncio.ensure_future(ref.ask(Snoozer.snooze, 0))
+        assert await asyncio.wait_for(second, 10) == 1  # the cancelled one changed nothing

@@ -307,7 +307,7 @@ class Activation:
         outcome = await rt._run_actor_message(self, item)
         if outcome.status is Status.COMPLETED:
             return True
-        if outcome.status is Status.FAILED:
+        if outcome.status in (Status.FAILED, Status.CANCELLED):
             # The handler may have changed the state before it raised: the
             # state is what the completed messages made it, so rebuild it.
             try:

@@ -454,14 +454,18 @@ class Context:
                 notifies = True
             elif how is not False:
                 waits.append(how)
+        deadline = None if self._cancel_delivered else self._deadline
+        if deadline is not None:
+            left = deadline - rt.clock.now()
+            if left <= rt.timer_lead or not self.can_park or waits or notifies:
+                waits.append(rt.clock.sleep(max(0.0, left)))
+                deadline = None
         if not waits and not notifies and self.can_park:
             wake = min((f.wake_at for f in pending if f.wake_at is not None), default=None)
-            if self._deadline is not None and not self._cancel_delivered:
-                wake = self._deadline if wake is None else min(wake, self._deadline)
+            if deadline is not None:
+                wake = deadline if wake is None else min(wake, deadline)
             self._closing = Parked(wake)
             raise self._closing
-        if self._deadline is not None and not self._cancel_delivered:
-            waits.append(rt.clock.sleep(max(0.0, self._deadline - rt.clock.now())))
         if self._woken is None:
             self._woken = asyncio.Event()
         tasks = [asyncio.ensure_future(w) for w in waits]

@@ -200,6 +200,8 @@ class Runtime:
         self._contexts: dict[str, Context] = {}
         # Invocations woken while they ran here: if one parks, look at once.
         self._notified: set[str] = set()
+        # Cancellations that arrived before the invocation's context existed.
+        self._early_cancels: dict[str, str] = {}
         # Callers waiting for an invocation that is parked here to finish.
         self._finish_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._started = False
@@ -518,8 +520,12 @@ class Runtime:
             )
         )
         ctx = self._contexts.get(invocation_id)
-        if ctx is not None and ctx._cancel is None:
-            ctx._cancel = reason
+        if ctx is not None:
+            if ctx._cancel is None:
+                ctx._cancel = reason
+        elif invocation_id in self._tasks or invocation_id in self._queued:
+            # Started (or queued in a mailbox) but its context is not made yet.
+            self._early_cancels.setdefault(invocation_id, reason)
         self.notify(invocation_id)
 
     async def cancel_children(self, child_ids: Sequence[str], reason: str) -> None:
@@ -848,7 +854,7 @@ class Runtime:
                 key=rec.actor_key,
                 live_guard=self._live_guard,
                 deadline=rec.deadline,
-                cancel_reason=rec.cancel_reason,
+                cancel_reason=rec.cancel_reason or self._early_cancels.pop(rec.id, None),
                 can_park=activation is None,
             )
             _current_context.set(ctx)

@@ -40,6 +40,9 @@ __all__ = [
 ]
 
 
+_JUMP_AFTER = 0.0005  # real seconds an autojumping clock lets other work run first
+
+
 class FakeClock:
     """A clock that only moves when told to, or when something sleeps.
 
@@ -72,13 +75,23 @@ class FakeClock:
 
     async def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
-        if self.autojump or seconds <= 0:
-            self.advance(max(0.0, seconds))
+        if seconds <= 0:
             await asyncio.sleep(0)
             return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
         heapq.heappush(self._sleepers, (self._now + seconds, next(self._order), future))
+        if self.autojump:
+            # Jump a moment later, to the soonest sleep: the others wait their
+            # turn, so sleeps end in the order of their times.
+            loop.call_later(_JUMP_AFTER, self._jump)
         await future
+
+    def _jump(self) -> None:
+        while self._sleepers and self._sleepers[0][2].done():
+            heapq.heappop(self._sleepers)  # cancelled
+        if self._sleepers:
+            self.advance(max(0.0, self._sleepers[0][0] - self._now))
 
 
 def runtime(

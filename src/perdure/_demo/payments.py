@@ -1,8 +1,10 @@
-"""A payment service: validate -> charge -> record.
+"""A payment service: validate -> charge -> record, as a saga.
 
 The fake provider records every call and every charge by idempotency key,
 in its own SQLite file, so that a test or the demo can count how often each
-payment was really charged. The ledger is an idempotent upsert.
+payment was really charged. The ledger is an idempotent upsert. If the
+ledger refuses a payment for good, the charge is refunded (the saga's
+compensation) and the payment fails.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ from typing import Any, Protocol
 from .._actor import Actor, DurabilityFacet
 from .._context import Context, current_step
 from .._errors import TerminalError
+from .._retry import RetryPolicy
 from .._workflow import Workflow, workflow
+
+# A ledger that keeps failing after this many attempts has refused for good.
+RECORD_RETRY = RetryPolicy(max_attempts=3)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -44,6 +50,7 @@ class PaymentResult:
 
 class Provider(Protocol):
     def charge(self, idempotency_key: str, payment_id: str, amount_cents: int) -> Charge: ...
+    def refund(self, idempotency_key: str, transaction_id: str) -> None: ...
 
 
 class Ledger(Protocol):
@@ -96,11 +103,17 @@ def build_payment_workflow(
     def record(request: PaymentRequest, charge: Charge) -> None:
         ledger.record(request.payment_id, charge)
 
+    def refund(charge: Charge) -> None:
+        provider.refund(current_step().key, charge.transaction_id)
+
     @workflow(name="process_payment")
     async def process_payment(ctx: Context, request: PaymentRequest) -> PaymentResult:
         await ctx.run("validate", validate, request)
-        result = await ctx.run("charge", charge, request)
-        await ctx.run("record", record, request, result)
+        async with ctx.saga() as saga:
+            result = await ctx.run("charge", charge, request)
+            # If recording fails for good, the customer gets the money back.
+            saga.on_failure("refund", refund, result)
+            await ctx.run("record", record, request, result, retry=RECORD_RETRY)
         if accounts:
             await ctx.actor(Account, request.customer).ask(
                 Account.add_payment, request.amount_cents, result.transaction_id
@@ -155,8 +168,23 @@ class SQLiteProvider(_SQLiteFile):
             CREATE TABLE IF NOT EXISTS charges (
                 idempotency_key TEXT PRIMARY KEY, transaction_id TEXT NOT NULL,
                 payment_id TEXT NOT NULL, amount_cents INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS refunds (
+                idempotency_key TEXT PRIMARY KEY, transaction_id TEXT NOT NULL);
             """,
         )
+
+    def refund(self, idempotency_key: str, transaction_id: str) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR IGNORE INTO refunds VALUES (?, ?)", (idempotency_key, transaction_id)
+            )
+
+    def refunds_per_transaction(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT transaction_id, count(*) FROM refunds GROUP BY transaction_id"
+            ).fetchall()
+        return dict(rows)
 
     def charge(self, idempotency_key: str, payment_id: str, amount_cents: int) -> Charge:
         with self._lock:
@@ -198,9 +226,14 @@ class SQLiteProvider(_SQLiteFile):
 
 
 class SQLiteLedger(_SQLiteFile):
-    """The merchant's ledger: one row per transaction, written by upsert."""
+    """The merchant's ledger: one row per transaction, written by upsert.
 
-    def __init__(self, path: str) -> None:
+    ``refuse`` names payments it refuses for good (a closed merchant account,
+    say), to show the saga refunding them.
+    """
+
+    def __init__(self, path: str, *, refuse: frozenset[str] = frozenset()) -> None:
+        self.refuse = refuse
         super().__init__(
             path,
             """
@@ -211,6 +244,8 @@ class SQLiteLedger(_SQLiteFile):
         )
 
     def record(self, payment_id: str, charge: Charge) -> None:
+        if payment_id in self.refuse:
+            raise LedgerRefusedError(f"the ledger refuses payment {payment_id}")
         with self._lock:
             self._conn.execute(
                 "INSERT INTO ledger VALUES (?, ?, ?, ?, 1) ON CONFLICT (transaction_id) "
@@ -233,6 +268,7 @@ class MemoryProvider:
     def __init__(self) -> None:
         self.calls: dict[str, int] = {}
         self.charges: dict[str, Charge] = {}
+        self.refunds: dict[str, str] = {}  # idempotency key -> transaction id
 
     def charge(self, idempotency_key: str, payment_id: str, amount_cents: int) -> Charge:
         self.calls[idempotency_key] = self.calls.get(idempotency_key, 0) + 1
@@ -242,10 +278,20 @@ class MemoryProvider:
             self.charges[idempotency_key] = found
         return found
 
+    def refund(self, idempotency_key: str, transaction_id: str) -> None:
+        self.refunds.setdefault(idempotency_key, transaction_id)
+
+
+class LedgerRefusedError(Exception):
+    """The ledger will not record this payment, however often it is asked."""
+
 
 class MemoryLedger:
-    def __init__(self) -> None:
+    def __init__(self, *, refuse: frozenset[str] = frozenset()) -> None:
         self.rows: dict[str, Charge] = {}
+        self.refuse = refuse
 
     def record(self, payment_id: str, charge: Charge) -> None:
+        if payment_id in self.refuse:
+            raise LedgerRefusedError(f"the ledger refuses payment {payment_id}")
         self.rows[charge.transaction_id] = charge

@@ -111,6 +111,11 @@ class LatencyProvider:
         self._wait()
         return charge
 
+    def refund(self, idempotency_key: str, transaction_id: str) -> None:
+        self._wait()
+        self._inner.refund(idempotency_key, transaction_id)
+        self._wait()
+
 
 class Events:
     """Event lines to the parent, one ``os.write`` each: nothing is buffered
