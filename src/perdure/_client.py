@@ -201,11 +201,9 @@ class InvocationHandle(Generic[R]):
             # The poll is for an invocation that another process runs.
             waiter = self._rt.finish_waiter(self.id)
             try:
-                await asyncio.wait_for(asyncio.shield(waiter), delay)
-            except TimeoutError:
-                pass
+                await asyncio.wait((waiter,), timeout=delay)
             finally:
-                waiter.cancel()
+                self._rt.drop_finish_waiter(self.id, waiter)
             delay = min(delay * 2, 1.0)
         journal = await store.read_journal(self.id)
         output = journal[-1] if journal and journal[-1].kind is EntryKind.OUTPUT else None

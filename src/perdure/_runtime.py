@@ -607,6 +607,14 @@ class Runtime:
         self._finish_waiters.setdefault(invocation_id, []).append(waiter)
         return waiter
 
+    def drop_finish_waiter(self, invocation_id: str, waiter: asyncio.Future[None]) -> None:
+        waiter.cancel()
+        waiters = self._finish_waiters.get(invocation_id)
+        if waiters is not None and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                del self._finish_waiters[invocation_id]
+
     def _wake_finish_waiters(self, invocation_id: str) -> None:
         for waiter in self._finish_waiters.pop(invocation_id, ()):
             if not waiter.done():
