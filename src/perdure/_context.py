@@ -633,8 +633,19 @@ class Context:
             raise TypeError(f"ctx.run: the step name must be a non-empty string, not {name!r}")
         if not callable(fn):
             raise TypeError(f"ctx.run({name!r}): {fn!r} is not callable")
-        # Replay only (rebuilding state, a dry-run fork): _take stops a live step.
-        index, entry, failed = self._take(EntryKind.STEP, name)
+        if self._closing is None and self._live_guard is None:
+            # The hot path of _take: no cancellation can be recorded ahead of
+            # a live step, so only a replayed entry needs looking at.
+            try:
+                index, entry, failed = self._replay.take(EntryKind.STEP, name)
+            except NonDeterminismError as exc:
+                raise Suspended(exc) from None
+            if entry is not None and entry.kind is EntryKind.CANCEL:
+                self._replay.rewind(index)
+                index, entry, failed = self._take(EntryKind.STEP, name)
+        else:
+            # Replay only (rebuilding state, a dry-run fork): _take stops a live step.
+            index, entry, failed = self._take(EntryKind.STEP, name)
         if entry is not None:
             self._now = entry.created_at
             self._rt.stats.steps_replayed += 1

@@ -60,6 +60,11 @@ class Replay:
             )
         return index, entry, self._attempts.get(index, 0)
 
+    def rewind(self, index: int) -> None:
+        """Un-claim ``index`` (the last one taken), to take it again."""
+        assert self._next == index + 1
+        self._next = index
+
     @property
     def next_index(self) -> int:
         return self._next
