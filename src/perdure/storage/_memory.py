@@ -176,9 +176,10 @@ class MemoryStore(Store):
 
     def _apply_events(self, write: Write) -> Any:
         """Promises, signals, cancellations, wake-ups (validated already)."""
-        if not (write.wakes or write.promises or write.resolution or write.signal):
-            if not write.cancels:
-                return None
+        if not (
+            write.wakes or write.promises or write.resolution or write.signal or write.cancels
+        ):
+            return None
         result: Any = None
         wakes = [(w.invocation_id, w.at) for w in write.wakes]
         for p in write.promises:
