@@ -26,6 +26,7 @@ from ._durable import Timer as Timer
 from ._errors import Cancelled as Cancelled
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import ConflictError as ConflictError
+from ._errors import FencedError as FencedError
 from ._errors import ForkStoppedError as ForkStoppedError
 from ._errors import IdempotencyConflictError as IdempotencyConflictError
 from ._errors import InvocationCancelledError as InvocationCancelledError
@@ -45,6 +46,7 @@ from ._errors import TerminalError as TerminalError
 from ._errors import UnknownWorkflowError as UnknownWorkflowError
 from ._fork import ForkResult as ForkResult
 from ._hooks import StepInfo as StepInfo
+from ._nodes import NodeConfig as NodeConfig
 from ._retry import RetryPolicy as RetryPolicy
 from ._runtime import Runtime as Runtime
 from ._runtime import RuntimeStats as RuntimeStats
@@ -70,6 +72,7 @@ __all__ = [
     "DurabilityFacet",
     "DurableFuture",
     "DurablePromise",
+    "FencedError",
     "ForkResult",
     "ForkStoppedError",
     "IdempotencyConflictError",
@@ -78,6 +81,7 @@ __all__ = [
     "InvocationHandle",
     "InvocationStoppedError",
     "JournalDecodeError",
+    "NodeConfig",
     "NonDeterminismError",
     "NotFoundError",
     "PayloadTooLargeError",

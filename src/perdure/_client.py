@@ -42,6 +42,7 @@ def prepare_invocation(
     actor: tuple[str, str, int] | None = None,
     parent_id: str | None = None,
     deadline: float | None = None,
+    partition: int | None = None,
 ) -> tuple[InvocationRecord, JournalEntry, tuple[list[Any], dict[str, Any]]]:
     """Check and encode a new invocation; nothing is written yet."""
     if idempotency_key is not None and (
@@ -60,8 +61,14 @@ def prepare_invocation(
             f"{what} does not match the workflow's type hints: {exc}"
         ) from None
     now = rt.clock.now()
+    invocation_id = invocation_id or new_id()
+    if partition is None:
+        from ._nodes import partition_of
+
+        key = invocation_id if actor is None else f"{actor[0]}/{actor[1]}"
+        partition = partition_of(key, rt.partitions)
     rec = InvocationRecord(
-        id=invocation_id or new_id(),
+        id=invocation_id,
         target=wf.name,
         input_hash=input_hash(payload),
         idempotency_key=idempotency_key,
@@ -73,6 +80,7 @@ def prepare_invocation(
         actor_seq=None if actor is None else actor[2],
         parent_id=parent_id,
         deadline=deadline,
+        partition=partition,
     )
     entry = JournalEntry(
         invocation_id=rec.id,

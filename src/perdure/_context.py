@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, overload
 
+import msgspec
+
 from ._durable import ChildHandle, DurableFuture, DurablePromise, SignalWait, Timer
 from ._errors import (
     Cancelled,
@@ -134,6 +136,7 @@ class Context:
         "_deadline",
         "_live_guard",
         "_now",
+        "_partition",
         "_random",
         "_replay",
         "_rt",
@@ -159,6 +162,7 @@ class Context:
         deadline: float | None = None,
         cancel_reason: str | None = None,
         can_park: bool = True,
+        partition: int = 0,
     ) -> None:
         self._rt = runtime
         self.key = key
@@ -179,6 +183,7 @@ class Context:
         self._woken: asyncio.Event | None = None
         self.can_park = can_park
         """False in an actor handler: its waits hold the mailbox, in memory."""
+        self._partition = partition
 
     @property
     def replaying(self) -> bool:
@@ -241,6 +246,7 @@ class Context:
                 child_id,
                 parent_id=self.invocation_id,
                 deadline=deadline,
+                partition=self._partition,
             )
         handle: ChildHandle[Any] = ChildHandle(self, index, wf, prepared, entry is not None)
         if entry is None:
@@ -826,6 +832,8 @@ class Context:
 
     async def _commit(self, write: Write) -> None:
         try:
+            if self._rt.nodes is not None:
+                write = msgspec.structs.replace(write, fence=self._rt.fence(self._partition))
             await self._rt.store.commit(write)
         except (StorageError, ConflictError) as exc:
             # Not the workflow's fault: leave the invocation unfinished.

@@ -8,7 +8,8 @@ Every error Perdure raises derives from one root::
     │   └── UnknownWorkflowError
     ├── ConflictError
     │   ├── IdempotencyConflictError   same key, different input
-    │   └── RuntimeLockedError         another runtime owns this store
+    │   ├── RuntimeLockedError         another runtime owns this store
+    │   └── FencedError                this node lost the partition's lease
     ├── NonDeterminismError         replayed code diverged from its journal
     ├── SerializationError          a value cannot be encoded or decoded
     │   ├── PayloadTooLargeError
@@ -59,6 +60,25 @@ class IdempotencyConflictError(ConflictError):
 
 class RuntimeLockedError(ConflictError):
     """Another runtime process already owns this store."""
+
+
+class FencedError(ConflictError):
+    """A write of a node that no longer holds its partition's lease.
+
+    Another node took the partition over (the lease expired while this node
+    was paused or cut off); this node's write is refused and it stops working
+    on the partition. The new owner resumes the work from the journal.
+    """
+
+    def __init__(self, partition: int, epoch: int, current: int | None) -> None:
+        self.partition = partition
+        self.epoch = epoch
+        self.current = current
+        held = "nobody holds it" if current is None else f"its epoch is now {current}"
+        super().__init__(
+            f"partition {partition}: this node's lease (epoch {epoch}) was taken over "
+            f"({held}); the write is refused and the new owner resumes the work"
+        )
 
 
 class NonDeterminismError(PerdureError):

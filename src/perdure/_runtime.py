@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
+import msgspec
+
 from ._actor import Activation, Actor, ActorDef, _Pending
 from ._clock import Clock, SystemClock
 from ._context import (
@@ -25,6 +27,7 @@ from ._errors import (
     Cancelled,
     ConfigurationError,
     ConflictError,
+    FencedError,
     ForkStoppedError,
     IdempotencyConflictError,
     InvocationCancelledError,
@@ -41,6 +44,7 @@ from ._errors import (
 )
 from ._hooks import Hooks, fire
 from ._journal import Replay
+from ._nodes import LeaseKeeper, NodeConfig, partition_of
 from ._pool import StepPool
 from ._retry import RetryPolicy
 from ._schedule import INTERNAL_WORKFLOWS, Schedule, schedule_link
@@ -53,6 +57,7 @@ from .storage._records import (
     Attempt,
     CancelRequest,
     EntryKind,
+    Fence,
     InvocationRecord,
     JournalEntry,
     Resolution,
@@ -128,6 +133,7 @@ class Runtime:
         timer_lead: timedelta = timedelta(seconds=1),
         always_replay: bool = False,
         schedules: Iterable[Schedule] = (),
+        node: NodeConfig | None = None,
     ) -> None:
         from ._client import Client
 
@@ -196,6 +202,11 @@ class Runtime:
         # journal, so that non-deterministic code fails at once.
         self.always_replay = always_replay
         self.timers = TimerService(self)
+        if node is not None and not isinstance(node, NodeConfig):
+            raise ConfigurationError(f"node must be a perdure.NodeConfig, not {node!r}")
+        # Several nodes on one store: this node runs the partitions it leases.
+        self.nodes = None if node is None else LeaseKeeper(self, node)
+        self.partitions = 1 if node is None else node.partitions
         # The contexts of the invocations running here, to wake their waits.
         self._contexts: dict[str, Context] = {}
         # Invocations woken while they ran here: if one parks, look at once.
@@ -279,15 +290,21 @@ class Runtime:
         if self._started:
             return
         await self.store.open()
+        if self.nodes is not None:
+            self.store.on_wake(self._woken_elsewhere)
         self._pool = StepPool(asyncio.get_running_loop(), self._max_step_threads)
         self._started = True
         if self._recover:
             try:
-                await self.recover()
+                if self.nodes is None:
+                    await self.recover()
+                    self.timers.start()
+                else:
+                    self.timers.start()
+                    await self.nodes.start()  # takes partitions over, resuming their work
             except BaseException:
                 await self.stop()
                 raise
-            self.timers.start()
             try:
                 for schedule in self.schedules.values():
                     await schedule_link(self, schedule, schedule.next_after(self.clock.now()))
@@ -300,6 +317,8 @@ class Runtime:
         if not self._started:
             return
         self._started = False
+        if self.nodes is not None:
+            await self.nodes.stop()
         await self.timers.stop()
         tasks = [a.task for a in self._activations.values()] + list(self._tasks.values())
         self._activations.clear()
@@ -313,6 +332,8 @@ class Runtime:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.nodes is not None and self.nodes.owned:
+            await self.nodes.release()
         await self.store.close()
         if self._pool is not None:
             self._pool.shutdown()
@@ -339,10 +360,11 @@ class Runtime:
                 "or await rt.start()"
             )
 
-    async def recover(self) -> int:
-        """Resume every unfinished invocation from its journal; return how many."""
+    async def recover(self, partitions: Sequence[int] | None = None) -> int:
+        """Resume every unfinished invocation (of ``partitions``) from its journal;
+        return how many."""
         began = time.perf_counter()
-        records = await self.store.list_invocations(statuses=UNFINISHED)
+        records = await self.store.list_invocations(statuses=UNFINISHED, partitions=partitions)
         runnable: list[tuple[InvocationRecord, Workflow[Any, Any]]] = []
         actors: set[tuple[str, str]] = set()
         for rec in records:
@@ -409,6 +431,7 @@ class Runtime:
         idempotency_key: str | None = None,
         invocation_id: str | None = None,
         timeout: timedelta | None = None,
+        partition: int | None = None,
     ) -> tuple[InvocationRecord, bool]:
         """Record and start an invocation. Returns (record, created)."""
         from ._client import prepare_invocation
@@ -421,7 +444,14 @@ class Runtime:
                 raise TypeError(f"timeout must be a positive timedelta, not {timeout!r}")
             deadline = self.clock.now() + timeout.total_seconds()
         rec, entry, decoded = prepare_invocation(
-            self, wf, args, kwargs, idempotency_key, invocation_id, deadline=deadline
+            self,
+            wf,
+            args,
+            kwargs,
+            idempotency_key,
+            invocation_id,
+            deadline=deadline,
+            partition=partition,
         )
         return await self.create(wf, rec, entry, decoded)
 
@@ -434,6 +464,9 @@ class Runtime:
     ) -> tuple[InvocationRecord, bool]:
         """Record a prepared invocation and start it. Returns (record, created)."""
         self._check_started()
+        if not self.owns(rec.partition):
+            # Another node runs this partition: record it as due now, for its owner.
+            rec = msgspec.structs.replace(rec, status=Status.SUSPENDED, wake_at=rec.created_at)
         stored, created = await self.store.create_invocation(rec, entry)
         if not created and stored.input_hash != rec.input_hash:
             raise IdempotencyConflictError(
@@ -441,10 +474,46 @@ class Runtime:
                 f"used by invocation {stored.id} with a different input; use a new key "
                 "for a different request"
             )
-        if created:
+        if created and stored.status is not Status.SUSPENDED:
             self.stats.invocations_started += 1
             self._launch(stored, wf, [entry], [], decoded)
         return stored, created
+
+    # -- partitions (several nodes) ------------------------------------------------
+
+    def _woken_elsewhere(self, partition: int) -> None:
+        """The store says something in ``partition`` became due (maybe by another node)."""
+        if self._started and self.owns(partition):
+            self.timers.kick()
+
+    def owns(self, partition: int) -> bool:
+        """Whether this node runs ``partition`` (a single node runs them all)."""
+        return self.nodes is None or partition in self.nodes.owned
+
+    def fence(self, partition: int) -> Fence | None:
+        """What a write of ``partition``'s work must carry (None on a single node)."""
+        return None if self.nodes is None else self.nodes.fence(partition)
+
+    def actor_partition(self, actor_type: str, key: str) -> int:
+        return partition_of(f"{actor_type}/{key}", self.partitions)
+
+    async def take_over(self, partitions: Sequence[int]) -> None:
+        """This node now holds ``partitions``: resume their unfinished work."""
+        await self.recover(partitions)
+        self.timers.kick()
+
+    def drop_partitions(self, partitions: set[int]) -> None:
+        """This node lost ``partitions``: stop their work here, writing nothing.
+        The new owner resumes it from the journal."""
+        for invocation_id, ctx in list(self._contexts.items()):
+            if ctx._partition in partitions:
+                task = self._tasks.get(invocation_id)
+                if task is not None:
+                    task.cancel()
+        for (actor_type, key), activation in list(self._activations.items()):
+            if self.actor_partition(actor_type, key) in partitions:
+                activation.task.cancel()
+                self._forget_activation(activation)
 
     # -- suspension, wake-ups, cancellation ----------------------------------------
 
@@ -481,12 +550,22 @@ class Runtime:
         claims = [
             self.store.commit(
                 Write(
-                    status=StatusChange(invocation_id=r.id, status=Status.RUNNING, updated_at=now)
+                    status=StatusChange(invocation_id=r.id, status=Status.RUNNING, updated_at=now),
+                    fence=self.fence(r.partition),
                 )
             )
             for r, _ in runnable
         ]
-        await asyncio.gather(*claims)
+        outcomes = await asyncio.gather(*claims, return_exceptions=True)
+        claimed = []
+        for (rec, wf), outcome in zip(runnable, outcomes, strict=True):
+            if isinstance(outcome, FencedError) and self.nodes is not None:
+                self.nodes.lost(outcome.partition)
+            elif isinstance(outcome, BaseException):
+                log.error("invocation %s could not be resumed: %s", rec.id, outcome)
+            else:
+                claimed.append((rec, wf))
+        runnable = claimed
         journals = await self._read_journals([r.id for r, _ in runnable])
         for rec, wf in runnable:
             found = journals[rec.id]
@@ -590,7 +669,8 @@ class Runtime:
                         status=Status.SUSPENDED,
                         updated_at=self.clock.now(),
                         wake_at=wake_at,
-                    )
+                    ),
+                    fence=self.fence(rec.partition),
                 )
             )
         except PerdureError as exc:
@@ -678,6 +758,29 @@ class Runtime:
         if not isinstance(key, str) or not key:
             raise TypeError(f"an actor key must be a non-empty string, not {key!r}")
         handler = definition.handler(handler_name)
+        if self.nodes is not None:
+            partition = self.actor_partition(definition.name, key)
+            if not self.owns(partition):
+                # Another node runs this actor: hand the message to it, durably.
+                from ._schedule import DELIVER_WORKFLOW
+
+                handler.check_arguments(args, kwargs)
+                rec, _ = await self.submit(
+                    DELIVER_WORKFLOW,
+                    (
+                        definition.name,
+                        key,
+                        handler.name.rpartition(".")[2],
+                        list(args),
+                        kwargs,
+                        0.0,
+                        reply,
+                    ),
+                    {},
+                    idempotency_key=idempotency_key,
+                    partition=partition,
+                )
+                return rec
         activation = self.activation(definition, key)
         activation.sending += 1
         try:
@@ -737,6 +840,7 @@ class Runtime:
             (definition.name, key, method, list(args), kwargs, due),
             {},
             idempotency_key=idempotency_key,
+            partition=self.actor_partition(definition.name, key),
         )
         return rec
 
@@ -864,6 +968,7 @@ class Runtime:
                 deadline=rec.deadline,
                 cancel_reason=rec.cancel_reason or self._early_cancels.pop(rec.id, None),
                 can_park=activation is None,
+                partition=rec.partition,
             )
             _current_context.set(ctx)
             self._contexts[rec.id] = ctx
@@ -967,6 +1072,7 @@ class Runtime:
                     wakes=()
                     if rec.parent_id is None
                     else (Wake(invocation_id=rec.parent_id, at=now),),
+                    fence=self.fence(rec.partition),
                 )
             )
         except (StorageError, PerdureError) as exc:
@@ -992,6 +1098,8 @@ class Runtime:
         return self._stopped.get(invocation_id)
 
     def _suspended(self, rec: InvocationRecord, reason: BaseException) -> Outcome:
+        if isinstance(reason, FencedError) and self.nodes is not None:
+            self.nodes.lost(reason.partition)
         self.stats.invocations_suspended += 1
         self._stopped[rec.id] = reason
         self._wake_finish_waiters(rec.id)

@@ -137,11 +137,17 @@ async def deliver(
     args: list[Any],
     kwargs: dict[str, Any],
     due: float,
-) -> str | None:
-    """A delayed message: sleep until it is due, then send it (a journaled tell)."""
-    await ctx.sleep_until(datetime.fromtimestamp(due, UTC))
-    sent: str | None = await ctx.actor(actor_type, key).tell(handler, *args, **kwargs)
-    return sent
+    reply: bool = False,
+) -> Any:
+    """A delayed message, or one that another node received for this node's
+    actor: sleep until it is due, then send it as a journaled step (``ask``
+    with ``reply``: the handler's reply is the result)."""
+    if due > ctx.now().timestamp():
+        await ctx.sleep_until(datetime.fromtimestamp(due, UTC))
+    target = ctx.actor(actor_type, key)
+    if reply:
+        return await target.ask(handler, *args, **kwargs)
+    return await target.tell(handler, *args, **kwargs)
 
 
 INTERNAL_WORKFLOWS = (cron_tick, deliver)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import TYPE_CHECKING
 
 from ._errors import PerdureError
@@ -64,13 +65,16 @@ class TimerService:
             # kicks, so that a wake-up committed during the read is not missed.
             self._kick.clear()
             self._next = None
+            parts = None if rt.nodes is None else sorted(rt.nodes.owned)
             try:
-                due = await rt.store.due_invocations(clock.now() + rt.timer_lead, limit=_BATCH)
+                due = await rt.store.due_invocations(
+                    clock.now() + rt.timer_lead, limit=_BATCH, partitions=parts
+                )
                 if due:
                     await rt.resume(due)
                     if len(due) == _BATCH:
                         continue
-                self._next = await rt.store.next_wake_at()
+                self._next = await rt.store.next_wake_at(partitions=parts)
             except PerdureError as exc:
                 log.error("timer service: %s; retrying in %.0fs", exc, _RETRY_SECONDS)
                 await asyncio.sleep(_RETRY_SECONDS)
@@ -82,6 +86,10 @@ class TimerService:
             if self._kick.is_set():
                 continue
             waits: list[asyncio.Future[object]] = [asyncio.ensure_future(self._kick.wait())]
+            if rt.nodes is not None:
+                # Other nodes record work and wake-ups for this one: look again soon.
+                poll = rt.nodes.config.poll_every.total_seconds()
+                self._next = min(self._next or math.inf, clock.now() + rt.timer_lead + poll)
             if self._next is not None:
                 delay = self._next - rt.timer_lead - clock.now()
                 if delay <= 0:

@@ -21,9 +21,11 @@ from ._records import Attempt as Attempt
 from ._records import CancelRequest as CancelRequest
 from ._records import Checkpoint as Checkpoint
 from ._records import EntryKind as EntryKind
+from ._records import Fence as Fence
 from ._records import IdempotentResult as IdempotentResult
 from ._records import InvocationRecord as InvocationRecord
 from ._records import JournalEntry as JournalEntry
+from ._records import Lease as Lease
 from ._records import PromiseRecord as PromiseRecord
 from ._records import Resolution as Resolution
 from ._records import SignalRecord as SignalRecord
@@ -40,9 +42,11 @@ __all__ = [
     "CancelRequest",
     "Checkpoint",
     "EntryKind",
+    "Fence",
     "IdempotentResult",
     "InvocationRecord",
     "JournalEntry",
+    "Lease",
     "MemoryStore",
     "PromiseRecord",
     "Resolution",

@@ -12,6 +12,7 @@ from ._records import (
     IdempotentResult,
     InvocationRecord,
     JournalEntry,
+    Lease,
     PromiseRecord,
     SignalRecord,
     Status,
@@ -80,6 +81,10 @@ class Store(abc.ABC):
         commit returns, and wakes it; ``cancels`` set ``cancel_reason`` (the
         first one stays) and wake. A signal or cancel for an unknown
         invocation raises NotFoundError, for a finished one ConflictError.
+
+        With a ``fence``, the write is made only if the partition's lease
+        still has the fence's epoch, else :class:`perdure.FencedError` and
+        nothing is written.
         """
 
     @abc.abstractmethod
@@ -99,8 +104,9 @@ class Store(abc.ABC):
         statuses: Sequence[Status] | None = None,
         target: str | None = None,
         limit: int | None = None,
+        partitions: Sequence[int] | None = None,
     ) -> list[InvocationRecord]:
-        """Invocations, oldest first, filtered by status and target."""
+        """Invocations, oldest first, filtered by status, target and partition."""
 
     @abc.abstractmethod
     async def read_journal(self, invocation_id: str) -> list[JournalEntry]:
@@ -141,12 +147,35 @@ class Store(abc.ABC):
         """(actor type, key) of every actor with at least one message, sorted."""
 
     @abc.abstractmethod
-    async def due_invocations(self, before: float, *, limit: int = 1000) -> list[InvocationRecord]:
+    async def due_invocations(
+        self, before: float, *, limit: int = 1000, partitions: Sequence[int] | None = None
+    ) -> list[InvocationRecord]:
         """Suspended invocations whose ``wake_at <= before``, soonest first."""
 
     @abc.abstractmethod
-    async def next_wake_at(self) -> float | None:
+    async def next_wake_at(self, *, partitions: Sequence[int] | None = None) -> float | None:
         """The soonest ``wake_at`` of a suspended invocation, None if none has one."""
+
+    # -- leases (several nodes on one store) ------------------------------------------
+
+    @abc.abstractmethod
+    async def acquire_leases(
+        self, node: str, *, partitions: int, ttl: float, now: float
+    ) -> dict[int, int]:
+        """In one transaction: record that ``node`` is alive until ``now + ttl``;
+        its share is ``ceil(partitions / live nodes)``; renew the leases it
+        holds (to ``now + ttl``), give back those over its share, and take
+        free or expired ones (a new owner bumps the epoch) up to its share.
+        Partitions are ``0..partitions-1``. Returns ``{partition: epoch}``
+        held now."""
+
+    @abc.abstractmethod
+    async def release_leases(self, node: str) -> None:
+        """Give back every lease ``node`` holds and forget it (a clean shutdown)."""
+
+    @abc.abstractmethod
+    async def list_leases(self) -> list[Lease]:
+        """Every partition's lease, by partition."""
 
     @abc.abstractmethod
     async def get_promise(self, promise_id: str) -> PromiseRecord | None: ...
@@ -158,6 +187,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_children(self, parent_id: str) -> list[InvocationRecord]:
         """The invocations started by ``parent_id`` as its children, oldest first."""
+
+    def on_wake(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(partition)`` when a write of any process (any node)
+        makes an invocation of ``partition`` due: a new invocation recorded
+        for its owner, a promise, a signal, a cancellation, a finished child.
+        Backends that can tell other processes (PostgreSQL's LISTEN/NOTIFY)
+        do; the default tells no one, and nodes fall back on polling."""
+        return
 
     async def read_journals(
         self, invocation_ids: Sequence[str]

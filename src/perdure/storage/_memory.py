@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 
-from .._errors import ConflictError, NotFoundError, StorageError
+from .._errors import ConflictError, FencedError, NotFoundError, StorageError
 from ._base import BeforeCommit, Store
 from ._records import (
     Attempt,
@@ -15,13 +16,14 @@ from ._records import (
     IdempotentResult,
     InvocationRecord,
     JournalEntry,
+    Lease,
     PromiseRecord,
     SignalRecord,
     Status,
     Write,
 )
 
-SCHEMA_VERSION = 3  # the SQLite schema version whose contract this store follows
+SCHEMA_VERSION = 4  # the SQLite schema version whose contract this store follows
 
 
 class MemoryStore(Store):
@@ -30,7 +32,7 @@ class MemoryStore(Store):
     def __init__(self, *, before_commit: BeforeCommit | None = None) -> None:
         self.url = "memory://"
         self._before_commit = before_commit
-        self._open = False
+        self._opens = 0
         self._invocations: dict[str, InvocationRecord] = {}
         self._by_key: dict[tuple[str, str, str], str] = {}
         self._journal: dict[str, dict[int, JournalEntry]] = {}
@@ -41,15 +43,20 @@ class MemoryStore(Store):
         self._checkpoints: dict[tuple[str, str], dict[int, Checkpoint]] = {}
         self._promises: dict[str, PromiseRecord] = {}
         self._signals: dict[str, list[SignalRecord]] = {}
+        self._leases: dict[int, Lease] = {}
+        self._nodes: dict[str, float] = {}  # node -> alive until
+        self._wake_listeners: list[Callable[[int], None]] = []
 
+    # Several runtimes may share one memory store (nodes, in tests): it stays
+    # open until each that opened it has closed it.
     async def open(self) -> None:
-        self._open = True
+        self._opens += 1
 
     async def close(self) -> None:
-        self._open = False
+        self._opens = max(0, self._opens - 1)
 
     def _check_open(self) -> None:
-        if not self._open:
+        if not self._opens:
             raise StorageError("the memory store is closed; open it (or the Runtime) first")
 
     async def schema_version(self) -> int:
@@ -83,10 +90,21 @@ class MemoryStore(Store):
                 (invocation.target, invocation.actor_key or "", invocation.idempotency_key)
             ] = invocation.id
         self._journal[invocation.id] = {input_entry.index: input_entry}
+        if invocation.status is Status.SUSPENDED and invocation.wake_at is not None:
+            self._tell(invocation.partition)
         return invocation, True
+
+    def on_wake(self, callback: Callable[[int], None]) -> None:
+        self._wake_listeners.append(callback)
+
+    def _tell(self, partition: int) -> None:
+        for listener in self._wake_listeners:
+            listener(partition)
 
     async def commit(self, write: Write) -> Any:
         self._check_open()
+        if write.fence is not None:
+            self._check_fence(write.fence.partition, write.fence.epoch)
         # Validate everything first, so that a rejected write changes nothing.
         seen: set[tuple[str, int]] = set()
         for owner in {e.invocation_id for e in write.entries} | {
@@ -165,6 +183,49 @@ class MemoryStore(Store):
                             self._attempts.pop(rec.id, None)
         return result
 
+    def _check_fence(self, partition: int, epoch: int) -> None:
+        lease = self._leases.get(partition)
+        if lease is None or lease.epoch != epoch:
+            raise FencedError(partition, epoch, None if lease is None else lease.epoch)
+
+    async def acquire_leases(
+        self, node: str, *, partitions: int, ttl: float, now: float
+    ) -> dict[int, int]:
+        self._check_open()
+        self._nodes[node] = now + ttl
+        live = sum(1 for until in self._nodes.values() if until > now)
+        want = math.ceil(partitions / live)
+        held: dict[int, int] = {}
+        for p in sorted(p for p, lease in self._leases.items() if lease.owner == node):
+            lease = self._leases[p]
+            if len(held) < want and p < partitions:
+                self._leases[p] = msgspec.structs.replace(lease, expires_at=now + ttl)
+                held[p] = lease.epoch
+            else:
+                self._leases[p] = msgspec.structs.replace(lease, owner=None, expires_at=now)
+        for p in range(partitions):
+            if len(held) >= want:
+                break
+            if p in held:
+                continue
+            found = self._leases.get(p)
+            if found is None or found.owner is None or found.expires_at <= now:
+                epoch = 1 if found is None else found.epoch + 1
+                self._leases[p] = Lease(partition=p, owner=node, epoch=epoch, expires_at=now + ttl)
+                held[p] = epoch
+        return held
+
+    async def release_leases(self, node: str) -> None:
+        self._check_open()
+        self._nodes.pop(node, None)
+        for p, lease in list(self._leases.items()):
+            if lease.owner == node:
+                self._leases[p] = msgspec.structs.replace(lease, owner=None)
+
+    async def list_leases(self) -> list[Lease]:
+        self._check_open()
+        return [self._leases[p] for p in sorted(self._leases)]
+
     def _check_unfinished(self, invocation_id: str, what: str) -> None:
         rec = self._invocations.get(invocation_id)
         if rec is None:
@@ -176,9 +237,7 @@ class MemoryStore(Store):
 
     def _apply_events(self, write: Write) -> Any:
         """Promises, signals, cancellations, wake-ups (validated already)."""
-        if not (
-            write.wakes or write.promises or write.resolution or write.signal or write.cancels
-        ):
+        if not (write.wakes or write.promises or write.resolution or write.signal or write.cancels):
             return None
         result: Any = None
         wakes = [(w.invocation_id, w.at) for w in write.wakes]
@@ -214,6 +273,7 @@ class MemoryStore(Store):
                 continue
             if found.wake_at is None or at < found.wake_at:
                 self._invocations[invocation_id] = msgspec.structs.replace(found, wake_at=at)
+            self._tell(found.partition)
         return result
 
     async def get_invocation(self, invocation_id: str) -> InvocationRecord | None:
@@ -233,9 +293,13 @@ class MemoryStore(Store):
         statuses: Sequence[Status] | None = None,
         target: str | None = None,
         limit: int | None = None,
+        partitions: Sequence[int] | None = None,
     ) -> list[InvocationRecord]:
         self._check_open()
         rows = sorted(self._invocations.values(), key=lambda r: (r.created_at, r.id))
+        if partitions is not None:
+            parts = set(partitions)
+            rows = [r for r in rows if r.partition in parts]
         if statuses is not None:
             wanted = set(statuses)
             rows = [r for r in rows if r.status in wanted]
@@ -297,23 +361,32 @@ class MemoryStore(Store):
         self._check_open()
         return self._idempotent.get((scope, key))
 
-    async def due_invocations(self, before: float, *, limit: int = 1000) -> list[InvocationRecord]:
+    async def due_invocations(
+        self, before: float, *, limit: int = 1000, partitions: Sequence[int] | None = None
+    ) -> list[InvocationRecord]:
         self._check_open()
+        parts = None if partitions is None else set(partitions)
         due = [
             r
             for r in self._invocations.values()
-            if r.status is Status.SUSPENDED and r.wake_at is not None and r.wake_at <= before
+            if r.status is Status.SUSPENDED
+            and r.wake_at is not None
+            and r.wake_at <= before
+            and (parts is None or r.partition in parts)
         ]
         due.sort(key=lambda r: (r.wake_at or 0.0, r.id))
         return due[:limit]
 
-    async def next_wake_at(self) -> float | None:
+    async def next_wake_at(self, *, partitions: Sequence[int] | None = None) -> float | None:
         self._check_open()
+        parts = None if partitions is None else set(partitions)
         return min(
             (
                 r.wake_at
                 for r in self._invocations.values()
-                if r.status is Status.SUSPENDED and r.wake_at is not None
+                if r.status is Status.SUSPENDED
+                and r.wake_at is not None
+                and (parts is None or r.partition in parts)
             ),
             default=None,
         )

@@ -81,6 +81,9 @@ class InvocationRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     deadline: float | None = None
     # Set when cancellation was requested; delivered at the next durable point.
     cancel_reason: str | None = None
+    # Which partition of the work it belongs to; on several nodes, the node
+    # holding the partition's lease runs it. A child is in its parent's.
+    partition: int = 0
 
 
 class JournalEntry(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -209,6 +212,27 @@ class CancelRequest(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     at: float
 
 
+class Lease(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A node's ownership of a partition until ``expires_at``.
+
+    ``epoch`` grows by one whenever another node takes the partition over;
+    every write of an owner carries the epoch it holds (a :class:`Fence`), so
+    a node that lost the lease cannot write any more.
+    """
+
+    partition: int
+    owner: str | None
+    epoch: int
+    expires_at: float
+
+
+class Fence(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A write is valid only while ``partition``'s lease still has ``epoch``."""
+
+    partition: int
+    epoch: int
+
+
 class Write(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Everything one commit records, atomically: all of it or none of it."""
 
@@ -227,3 +251,6 @@ class Write(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     resolution: Resolution | None = None
     signal: SignalRecord | None = None
     cancels: tuple[CancelRequest, ...] = ()
+    # Checked before anything is written: a stale epoch fails the write alone
+    # (perdure.FencedError) and writes nothing.
+    fence: Fence | None = None

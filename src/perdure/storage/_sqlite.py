@@ -25,6 +25,7 @@ from ._records import (
     IdempotentResult,
     InvocationRecord,
     JournalEntry,
+    Lease,
     PromiseRecord,
     SignalRecord,
     Status,
@@ -35,6 +36,7 @@ from ._sqlite_batch import (
     INVOCATION_COLUMNS,
     JOURNAL_COLUMNS,
     GroupCommitter,
+    acquire_leases,
     checkpoint_from_row,
     invocation_from_row,
     map_error,
@@ -143,6 +145,20 @@ _MIGRATIONS: list[str] = [
         created_at REAL NOT NULL,
         PRIMARY KEY (invocation_id, seq)
     ) WITHOUT ROWID;
+    """,
+    # version 4: partitions and their leases (several nodes on one store).
+    """
+    ALTER TABLE invocations ADD COLUMN part INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE leases (
+        part INTEGER PRIMARY KEY,
+        owner TEXT,
+        epoch INTEGER NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE TABLE nodes (
+        node TEXT PRIMARY KEY,
+        alive_until REAL NOT NULL
+    );
     """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -411,9 +427,12 @@ class SQLiteStore(Store):
         statuses: Sequence[Status] | None = None,
         target: str | None = None,
         limit: int | None = None,
+        partitions: Sequence[int] | None = None,
     ) -> list[InvocationRecord]:
         where: list[str] = []
         params: list[Any] = []
+        if partitions is not None:
+            where.append(_in_parts(partitions))
         if statuses is not None:
             values = [Status(s).value for s in statuses]
             where.append(f"status IN ({', '.join('?' * len(values))})")
@@ -560,18 +579,22 @@ class SQLiteStore(Store):
 
     # -- timers, promises, signals, children -------------------------------------
 
-    async def due_invocations(self, before: float, *, limit: int = 1000) -> list[InvocationRecord]:
+    async def due_invocations(
+        self, before: float, *, limit: int = 1000, partitions: Sequence[int] | None = None
+    ) -> list[InvocationRecord]:
+        parts = "" if partitions is None else " AND " + _in_parts(partitions)
         rows = await self._read(
             f"SELECT {INVOCATION_COLUMNS} FROM invocations WHERE status = 'suspended' "
-            "AND wake_at IS NOT NULL AND wake_at <= ? ORDER BY wake_at LIMIT ?",
+            f"AND wake_at IS NOT NULL AND wake_at <= ?{parts} ORDER BY wake_at LIMIT ?",
             (before, limit),
         )
         return [invocation_from_row(r) for r in rows]
 
-    async def next_wake_at(self) -> float | None:
+    async def next_wake_at(self, *, partitions: Sequence[int] | None = None) -> float | None:
+        parts = "" if partitions is None else " AND " + _in_parts(partitions)
         rows = await self._read(
             "SELECT min(wake_at) FROM invocations WHERE status = 'suspended' "
-            "AND wake_at IS NOT NULL",
+            f"AND wake_at IS NOT NULL{parts}",
             (),
         )
         value = rows[0][0]
@@ -622,3 +645,34 @@ class SQLiteStore(Store):
             (parent_id,),
         )
         return [invocation_from_row(r) for r in rows]
+
+    # -- leases ----------------------------------------------------------------------
+
+    async def acquire_leases(
+        self, node: str, *, partitions: int, ttl: float, now: float
+    ) -> dict[int, int]:
+        held: dict[int, int] = await self._writer().submit(
+            None,
+            None,
+            lambda conn: acquire_leases(conn, node, partitions, ttl, now),
+        )
+        return held
+
+    async def release_leases(self, node: str) -> None:
+        def release(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE leases SET owner = NULL WHERE owner = ?", (node,))
+            conn.execute("DELETE FROM nodes WHERE node = ?", (node,))
+
+        await self._writer().submit(None, None, release)
+
+    async def list_leases(self) -> list[Lease]:
+        rows = await self._read(
+            "SELECT part, owner, epoch, expires_at FROM leases ORDER BY part", ()
+        )
+        return [Lease(partition=r[0], owner=r[1], epoch=r[2], expires_at=r[3]) for r in rows]
+
+
+def _in_parts(partitions: Sequence[int]) -> str:
+    """An SQL condition on the partition column (ints only: safe to inline)."""
+    values = ",".join(str(int(p)) for p in partitions)
+    return f"part IN ({values})" if values else "0"

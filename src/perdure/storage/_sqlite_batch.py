@@ -19,22 +19,30 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from .._errors import ConflictError, NotFoundError, PerdureError, StorageError, StorageFullError
+from .._errors import (
+    ConflictError,
+    FencedError,
+    NotFoundError,
+    PerdureError,
+    StorageError,
+    StorageFullError,
+)
 from ._base import BeforeCommit
 from ._records import UNFINISHED, Checkpoint, InvocationRecord, JournalEntry, Status, Write
 
 INVOCATION_COLUMNS = (
     "id, target, input_hash, idempotency_key, status, created_at, updated_at, last_error, "
-    "actor_type, actor_key, actor_seq, parent_id, wake_at, deadline, cancel_reason"
+    "actor_type, actor_key, actor_seq, parent_id, wake_at, deadline, cancel_reason, part"
 )
-_INVOCATION_WIDTH = 15
+_INVOCATION_WIDTH = 16
 CHECKPOINT_COLUMNS = (
     "actor_type, actor_key, seq, state, type_tag, checksum, state_version, created_at"
 )
@@ -132,6 +140,7 @@ def invocation_from_row(row: Sequence[Any]) -> InvocationRecord:
         wake_at=row[12],
         deadline=row[13],
         cancel_reason=row[14],
+        partition=row[15],
     )
 
 
@@ -152,6 +161,7 @@ def invocation_row(inv: InvocationRecord) -> tuple[Any, ...]:
         inv.wake_at,
         inv.deadline,
         inv.cancel_reason,
+        inv.partition,
     )
 
 
@@ -188,6 +198,8 @@ class _Op:
     create: tuple[InvocationRecord, JournalEntry] | None
     write: Write | None
     future: asyncio.Future[Any]
+    # Or: a function run on the connection inside the batch's transaction.
+    call: Callable[[sqlite3.Connection], Any] | None = None
 
 
 _STOP: Any = object()
@@ -224,10 +236,13 @@ class GroupCommitter:
     # -- event loop side -------------------------------------------------------
 
     def submit(
-        self, create: tuple[InvocationRecord, JournalEntry] | None, write: Write | None
+        self,
+        create: tuple[InvocationRecord, JournalEntry] | None,
+        write: Write | None,
+        call: Callable[[sqlite3.Connection], Any] | None = None,
     ) -> asyncio.Future[Any]:
         future = self._loop.create_future()
-        self._pending.append(_Op(create, write, future))
+        self._pending.append(_Op(create, write, future, call))
         if not self._in_flight and not self._flush_scheduled:
             # Run after the callbacks ready now, so that the writes they make
             # join this batch.
@@ -377,8 +392,13 @@ def _apply(conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
         if op.create is not None:
             creates.append((i, *op.create))
             continue
+        if op.call is not None:
+            outcomes[i] = op.call(conn)
+            continue
         w = op.write
         assert w is not None
+        if w.fence is not None:
+            check_fence(conn, w.fence.partition, w.fence.epoch)
         journal_rows.extend(entry_row(e) for e in w.entries)
         attempt_rows.extend(
             (a.invocation_id, a.index, a.attempt, a.error, a.created_at) for a in w.attempts
@@ -570,6 +590,64 @@ def _apply_events(conn: sqlite3.Connection, w: Write) -> Any:
     if wakes:
         conn.executemany(_WAKE_SQL, wakes)
     return result
+
+
+def check_fence(conn: sqlite3.Connection, partition: int, epoch: int) -> None:
+    row = conn.execute("SELECT epoch FROM leases WHERE part = ?", (partition,)).fetchone()
+    if row is None or row[0] != epoch:
+        raise FencedError(partition, epoch, None if row is None else row[0])
+
+
+def acquire_leases(
+    conn: sqlite3.Connection, node: str, partitions: int, ttl: float, now: float
+) -> dict[int, int]:
+    """The Store.acquire_leases transaction, on SQLite."""
+    conn.execute(
+        "INSERT INTO nodes (node, alive_until) VALUES (?, ?) "
+        "ON CONFLICT (node) DO UPDATE SET alive_until = excluded.alive_until",
+        (node, now + ttl),
+    )
+    live = conn.execute("SELECT count(*) FROM nodes WHERE alive_until > ?", (now,)).fetchone()[0]
+    want = math.ceil(partitions / max(live, 1))
+    held: dict[int, int] = {}
+    mine = conn.execute(
+        "SELECT part, epoch FROM leases WHERE owner = ? ORDER BY part", (node,)
+    ).fetchall()
+    for part, epoch in mine:
+        if len(held) < want and part < partitions:
+            conn.execute("UPDATE leases SET expires_at = ? WHERE part = ?", (now + ttl, part))
+            held[part] = epoch
+        else:
+            conn.execute(
+                "UPDATE leases SET owner = NULL, expires_at = ? WHERE part = ?", (now, part)
+            )
+    if len(held) < want:
+        rows = dict(
+            conn.execute(
+                "SELECT part, epoch FROM leases WHERE part < ? AND "
+                "(owner IS NULL OR expires_at <= ?)",
+                (partitions, now),
+            ).fetchall()
+        )
+        known = {r[0] for r in conn.execute("SELECT part FROM leases").fetchall()}
+        for part in range(partitions):
+            if len(held) >= want:
+                break
+            if part in held:
+                continue
+            if part not in known:
+                conn.execute(
+                    "INSERT INTO leases (part, owner, epoch, expires_at) VALUES (?, ?, 1, ?)",
+                    (part, node, now + ttl),
+                )
+                held[part] = 1
+            elif part in rows:
+                conn.execute(
+                    "UPDATE leases SET owner = ?, epoch = epoch + 1, expires_at = ? WHERE part = ?",
+                    (node, now + ttl, part),
+                )
+                held[part] = rows[part] + 1
+    return held
 
 
 def _check_unfinished(conn: sqlite3.Connection, invocation_id: str, what: str) -> None:
