@@ -549,6 +549,7 @@ async def test_unexpected_error_is_logged_not_sent(
 async def _until(api: Api, path: str, check: Any, what: str) -> Any:
     """GET ``path`` (in small real steps: progress is on the event loop, not
     the fake clock) until ``check(response)`` holds; return the response."""
+    r: httpx.Response | None = None
     try:
         async with asyncio.timeout(10):
             while True:
@@ -557,7 +558,8 @@ async def _until(api: Api, path: str, check: Any, what: str) -> Any:
                     return r
                 await asyncio.sleep(0.002)
     except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}; last: {r.text}") from None
+        last = "none" if r is None else r.text
+        raise AssertionError(f"timed out waiting for {what}; last response: {last}") from None
 
 
 async def _parked_on_promise(api: Api, item: str, key: str) -> tuple[str, str]:
