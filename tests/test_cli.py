@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -301,6 +303,173 @@ def test_app_may_be_a_function_or_one_definition(populated: Populated) -> None:
     for spec in ("test_cli:definitions", "test_cli:Ledger"):
         args = ("--store", populated.url, "--app", spec)
         assert cli_json("actor", "state", "Ledger", "acct", *args)["at"] == 3
+
+
+# -- perdure cancel, promise, signal, query -------------------------------------------------
+
+
+@perdure.workflow(name="hold")
+async def hold(ctx: perdure.Context, ref: str) -> str:
+    """Parks on a promise, whose id it publishes as the query "promise"."""
+    release = ctx.promise("release", type=str)
+    await ctx.publish("promise", release.id)
+    return f"{ref}: {await release}"
+
+
+@perdure.workflow(name="weigh")
+async def weigh(ctx: perdure.Context, count: int) -> int:
+    grams = 0
+    for _ in range(count):
+        grams += await ctx.signal("add", type=int)
+        await ctx.publish("grams", grams)
+    return grams
+
+
+@perdure.workflow(name="dispatch")
+async def dispatch(ctx: perdure.Context, ref: str) -> str:
+    return await ctx.start(hold, ref)
+
+
+CONTROLLED = [hold, weigh, dispatch]
+
+
+async def _until_suspended(handle: perdure.InvocationHandle[Any]) -> None:
+    """Wait (in small real steps: the clock is fake) for ``handle`` to park."""
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                if await handle.status() is perdure.Status.SUSPENDED:
+                    return
+            except perdure.NotFoundError:  # a child not created yet
+                pass
+            await asyncio.sleep(0.002)
+
+
+async def _park(url: str, workflow: Any, *args: Any, **options: Any) -> str:
+    """Start ``workflow`` on a runtime, wait for it to park, stop the runtime.
+
+    Time stands still meanwhile, so that a deadline does not pass."""
+    clock = FakeClock(START, autojump=False)
+    async with perdure.Runtime(url, workflows=CONTROLLED, clock=clock) as rt:
+        handle = await rt.client.start(workflow, *args, **options)
+        await _until_suspended(handle)
+        return handle.id
+
+
+async def _finish(url: str, invocation_id: str, target: str) -> Any:
+    """A runtime on the store again: the invocation's result (it resumes)."""
+    async with perdure.Runtime(url, workflows=CONTROLLED, clock=FakeClock(START)) as rt:
+        handle = perdure.InvocationHandle[Any](rt, invocation_id, target)
+        return await asyncio.wait_for(handle.result(), 10)
+
+
+def test_promise_resolved_from_the_cli_while_no_runtime_runs(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/hold.db"
+    store = ("--store", url)
+    invocation_id = asyncio.run(_park(url, hold, "p1"))
+    view = cli_json("invocations", "show", invocation_id, *store)
+    assert (view["status"], view["wake_at"]) == ("suspended", None)
+    assert "when woken" in cli("invocations", "show", invocation_id, *store).stdout
+    promise_id = cli_json("query", invocation_id, "promise", *store)["value"]
+    assert promise_id == f"{invocation_id}:1"
+    assert cli("query", invocation_id, "promise", *store).stdout == f'"{promise_id}"\n'
+
+    r = cli("promise", "resolve", promise_id, "released", *store, ok=False)
+    assert r.exit_code == 2  # not JSON: a string needs its quotes
+    assert "is not JSON" in r.output
+    r = cli("promise", "resolve", promise_id, '"released"', *store)
+    assert f"promise {promise_id} resolved" in r.stdout
+    r = cli("promise", "resolve", promise_id, '"again"', *store, ok=False)
+    assert r.exit_code == 1
+    assert f"promise {promise_id} is already resolved" in r.output
+    assert "already resolved" in cli("promise", "reject", promise_id, "no", *store, ok=False).output
+    r = cli("promise", "resolve", "no-such-promise", "1", *store, ok=False)
+    assert r.exit_code == 1
+    assert "promise no-such-promise does not exist" in r.output
+    # Recorded, and the invocation is due: the next runtime resumes it.
+    assert cli_json("invocations", "show", invocation_id, *store)["wake_at"] is not None
+    assert asyncio.run(_finish(url, invocation_id, "hold")) == "p1: released"
+    assert cli_json("invocations", "show", invocation_id, *store)["result"] == "p1: released"
+
+
+def test_promise_rejected_from_the_cli(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/hold.db"
+    invocation_id = asyncio.run(_park(url, hold, "p2"))
+    view = cli_json("promise", "reject", f"{invocation_id}:1", "parcel refused", "--store", url)
+    assert view == {"promise_id": f"{invocation_id}:1", "status": "rejected"}
+    with pytest.raises(perdure.InvocationFailedError, match="parcel refused"):
+        asyncio.run(_finish(url, invocation_id, "hold"))
+
+
+def test_signal_and_query_from_the_cli(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/weigh.db"
+    store = ("--store", url)
+    invocation_id = asyncio.run(_park(url, weigh, 2))
+    r = cli("query", invocation_id, "grams", *store, ok=False)
+    assert r.exit_code == 1
+    assert "has published nothing named 'grams'" in r.output
+    assert cli_json("signal", invocation_id, "add", "500", *store) == {
+        "invocation_id": invocation_id,
+        "signal": "add",
+        "status": "sent",
+    }
+    assert "signal 'add' sent" in cli("signal", invocation_id, "add", "250", *store).stdout
+    assert cli("signal", invocation_id, "add", "{", *store, ok=False).exit_code == 2
+    assert asyncio.run(_finish(url, invocation_id, "weigh")) == 750
+    assert cli_json("query", invocation_id, "grams", *store)["value"] == 750
+    r = cli("signal", invocation_id, "add", "1", *store, ok=False)
+    assert r.exit_code == 1
+    assert "already completed" in r.output
+    assert cli("signal", "no-such-id", "add", "1", *store, ok=False).exit_code == 1
+
+
+def test_cancel_from_the_cli(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/hold.db"
+    store = ("--store", url)
+    invocation_id = asyncio.run(_park(url, hold, "p3"))
+    r = cli("cancel", invocation_id, "--reason", "parcel recalled", *store)
+    assert f"cancellation of {invocation_id} recorded (reason: parcel recalled)" in r.stdout
+    text = cli("invocations", "show", invocation_id, *store).stdout
+    assert re.search(r"cancel reason +parcel recalled", text), text
+    with pytest.raises(perdure.InvocationCancelledError, match="parcel recalled"):
+        asyncio.run(_finish(url, invocation_id, "hold"))
+    view = cli_json("invocations", "show", invocation_id, *store)
+    assert view["status"] == "cancelled"
+    assert view["error"]["message"] == "parcel recalled"
+    r = cli("cancel", invocation_id, *store, ok=False)
+    assert r.exit_code == 1
+    assert "already cancelled" in r.output
+    assert cli("cancel", "no-such-id", *store, ok=False).exit_code == 1
+    assert cli("cancel", invocation_id, "--reason", "", *store, ok=False).exit_code == 2
+
+
+def test_invocations_show_a_child_with_its_parent_and_deadline(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/dispatch.db"
+    store = ("--store", url)
+    parent_id = asyncio.run(_park(url, dispatch, "p4", timeout=datetime.timedelta(hours=1)))
+    deadline = "2023-11-14T23:13:20.000Z"  # START + 1 h
+    parent = cli_json("invocations", "show", parent_id, *store)
+    assert (parent["status"], parent["deadline"], parent["wake_at"]) == (
+        "suspended",
+        deadline,
+        deadline,  # woken by its child, or at its deadline
+    )
+    (child,) = cli_json("invocations", "list", *store, "--target", "hold")["invocations"]
+    assert (child["parent_id"], child["deadline"]) == (parent_id, deadline)
+    text = cli("invocations", "show", child["invocation_id"], *store).stdout
+    assert re.search(f"parent +{parent_id}", text), text
+    assert re.search(f"deadline +{deadline}", text), text
+    assert re.search(f"wakes +{deadline}", text), text  # at the deadline it inherited
+
+
+def test_control_commands_refuse_a_store_held_by_a_runtime(populated: Populated) -> None:
+    with perdure.SyncRuntime(populated.url, workflows=[ship]):
+        r = cli("promise", "resolve", "x:1", "1", "--store", populated.url, ok=False)
+        assert r.exit_code == 1
+        assert "another Perdure runtime" in r.output
+        assert "POST /promises/ID/resolve" in r.output
+        r = cli("cancel", populated.shipped[0], "--store", populated.url, ok=False)
+        assert "POST /invocations/ID/cancel" in r.output
 
 
 # -- perdure serve -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import pytest
 import perdure
 from conftest import Backend, Gate
 from perdure.ingress import create_app, is_loopback, serve
+from perdure.testing import FakeClock
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -114,15 +115,46 @@ class Scratch(perdure.Actor[Tally]):
         return "a handler may be called history"
 
 
+@perdure.workflow(name="shop.approve")
+async def approve(ctx: perdure.Context, item: str) -> str:
+    """Parks on a promise, whose id it publishes as the query "promise"."""
+    approval = ctx.promise("approval", type=str)
+    await ctx.publish("promise", approval.id)
+    try:
+        decision = await approval
+    finally:
+        await ctx.run("release", EFFECTS.append, ("release", item))
+    return f"{item}: {decision}"
+
+
+@perdure.workflow(name="shop.tally")
+async def tally(ctx: perdure.Context, count: int) -> int:
+    """Adds up ``count`` "add" signals, publishing the running total."""
+    total = 0
+    for _ in range(count):
+        total += await ctx.signal("add", type=int)
+        await ctx.publish("total", total)
+    return total
+
+
+@perdure.workflow(name="shop.nap")
+async def nap(ctx: perdure.Context) -> str:
+    await ctx.sleep(datetime.timedelta(days=1))
+    return "rested"
+
+
 @dataclasses.dataclass
 class Api:
     rt: perdure.Runtime
     http: httpx.AsyncClient
 
 
+WORKFLOWS = [order, refund, wait_for_gate, typed, approve, tally, nap]
+
+
 @pytest.fixture
 async def api(backend: Backend) -> AsyncIterator[Api]:
-    rt = backend.runtime([order, refund, wait_for_gate, typed], actors=[Counter, Scratch])
+    rt = backend.runtime(WORKFLOWS, actors=[Counter, Scratch])
     async with rt:
         app = create_app(rt, token=TOKEN, max_body_bytes=LIMIT)
         transport = httpx.ASGITransport(app=app)
@@ -130,6 +162,23 @@ async def api(backend: Backend) -> AsyncIterator[Api]:
             transport=transport, base_url="http://perdure.test", headers=AUTH
         ) as http:
             yield Api(rt, http)
+
+
+@pytest.fixture
+async def frozen_api(backend: Backend, clock_frozen: FakeClock) -> AsyncIterator[Api]:
+    """Like ``api``, with a clock that moves only on ``clock_frozen.advance()``."""
+    rt = backend.runtime(WORKFLOWS, clock=clock_frozen)
+    async with rt:
+        transport = httpx.ASGITransport(app=create_app(rt, token=TOKEN, max_body_bytes=LIMIT))
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://perdure.test", headers=AUTH
+        ) as http:
+            yield Api(rt, http)
+
+
+@pytest.fixture
+def clock_frozen() -> FakeClock:
+    return FakeClock(autojump=False)
 
 
 def _error(response: httpx.Response, status: int, kind: str) -> str:
@@ -494,6 +543,249 @@ async def test_unexpected_error_is_logged_not_sent(
     assert "secret internal detail" in caplog.text
 
 
+# -- promises, signals, queries, cancellation ---------------------------------------
+
+
+async def _until(api: Api, path: str, check: Any, what: str) -> Any:
+    """GET ``path`` (in small real steps: progress is on the event loop, not
+    the fake clock) until ``check(response)`` holds; return the response."""
+    r: httpx.Response | None = None
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                r = await api.http.get(path)
+                if check(r):
+                    return r
+                await asyncio.sleep(0.002)
+    except TimeoutError:
+        last = "none" if r is None else r.text
+        raise AssertionError(f"timed out waiting for {what}; last response: {last}") from None
+
+
+async def _parked_on_promise(api: Api, item: str, key: str) -> tuple[str, str]:
+    """Start shop.approve; once it is suspended, its invocation id and promise id."""
+    r = await api.http.post(
+        "/workflows/shop.approve/start", json={"item": item}, headers={"Idempotency-Key": key}
+    )
+    assert r.status_code == 202, r.text
+    invocation_id = r.json()["invocation_id"]
+    r = await _until(
+        api,
+        f"/invocations/{invocation_id}/queries/promise",
+        lambda r: r.status_code == 200,
+        "the promise id to be published",
+    )
+    assert r.json() == {
+        "invocation_id": invocation_id,
+        "query": "promise",
+        "value": f"{invocation_id}:1",
+    }
+    await _until(
+        api,
+        f"/invocations/{invocation_id}",
+        lambda r: r.json()["status"] == "suspended",
+        "the workflow to park",
+    )
+    promise_id: str = r.json()["value"]
+    return invocation_id, promise_id
+
+
+async def test_a_promise_resolved_over_http_completes_the_workflow(api: Api) -> None:
+    invocation_id, promise_id = await _parked_on_promise(api, "tea", "approve-1")
+    view = (await api.http.get(f"/invocations/{invocation_id}")).json()
+    assert view["status"] == "suspended"
+    assert view["wake_at"] is None  # it waits to be woken, not for a time
+    assert "result" not in view
+    r = await api.http.post(f"/promises/{promise_id}/resolve", json="approved")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"promise_id": promise_id, "status": "resolved"}
+    # The same start again, with its key, waits for the first one's result.
+    r = await api.http.post(
+        "/workflows/shop.approve", json={"item": "tea"}, headers={"Idempotency-Key": "approve-1"}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "invocation_id": invocation_id,
+        "status": "completed",
+        "result": "tea: approved",
+    }
+    view = (await api.http.get(f"/invocations/{invocation_id}")).json()
+    assert (view["status"], view["result"], view["wake_at"]) == ("completed", "tea: approved", None)
+    assert EFFECTS == [("release", "tea")]
+
+
+async def test_a_promise_settles_once_and_unknown_ones_are_404(api: Api) -> None:
+    invocation_id, promise_id = await _parked_on_promise(api, "jam", "approve-2")
+    assert (await api.http.post(f"/promises/{promise_id}/resolve", json="yes")).status_code == 200
+    message = _error(
+        await api.http.post(f"/promises/{promise_id}/resolve", json="no"), 409, "conflict"
+    )
+    assert message == f"promise {promise_id} is already resolved"
+    r = await api.http.post(f"/promises/{promise_id}/reject", json={"message": "no"})
+    assert "already resolved" in _error(r, 409, "conflict")
+    for verb, body in (("resolve", 1), ("reject", {"message": "no"})):
+        r = await api.http.post(f"/promises/{invocation_id}:99/{verb}", json=body)
+        assert f"promise {invocation_id}:99 does not exist" in _error(r, 404, "not_found")
+    r = await _until(
+        api,
+        f"/invocations/{invocation_id}",
+        lambda r: r.json()["status"] == "completed",
+        "the workflow to finish",
+    )
+    assert r.json()["result"] == "jam: yes"
+
+
+async def test_a_promise_rejected_over_http_fails_the_workflow(api: Api) -> None:
+    invocation_id, promise_id = await _parked_on_promise(api, "oil", "approve-3")
+    r = await api.http.post(f"/promises/{promise_id}/reject", content=b"{}")
+    assert "message" in _error(r, 422, "invalid_arguments")
+    r = await api.http.post(f"/promises/{promise_id}/reject", json={"message": "out of stock"})
+    assert r.json() == {"promise_id": promise_id, "status": "rejected"}
+    r = await api.http.post(
+        "/workflows/shop.approve", json={"item": "oil"}, headers={"Idempotency-Key": "approve-3"}
+    )
+    assert r.status_code == 500
+    assert r.json()["invocation_id"] == invocation_id
+    assert r.json()["error"] == {"type": "TerminalError", "message": "out of stock"}
+
+
+async def test_promise_and_signal_bodies_are_checked(api: Api) -> None:
+    invocation_id, promise_id = await _parked_on_promise(api, "rye", "approve-4")
+    for path in (f"/promises/{promise_id}/resolve", f"/invocations/{invocation_id}/signals/s"):
+        _error(await api.http.post(path, content=b"{oops"), 400, "malformed_json")
+        big = b'"' + b"x" * LIMIT + b'"'
+        _error(await api.http.post(path, content=big), 413, "payload_too_large")
+    _error(
+        await api.http.post(f"/promises/{promise_id}/reject", json={"message": ""}),
+        422,
+        "invalid_arguments",
+    )
+    # Nothing was settled by the refused requests.
+    r = await api.http.post(f"/promises/{promise_id}/resolve", json="fine")
+    assert r.status_code == 200, r.text
+    r = await api.http.post(
+        "/workflows/shop.approve", json={"item": "rye"}, headers={"Idempotency-Key": "approve-4"}
+    )
+    assert r.json()["result"] == "rye: fine"
+
+
+async def test_signal_then_query(api: Api) -> None:
+    r = await api.http.post("/workflows/shop.tally/start", json={"count": 2})
+    invocation_id = r.json()["invocation_id"]
+    path = f"/invocations/{invocation_id}"
+    message = _error(await api.http.get(f"{path}/queries/total"), 404, "not_found")
+    assert "published nothing named 'total'" in message
+    r = await api.http.post(f"{path}/signals/add", json=5)
+    assert r.status_code == 202, r.text
+    assert r.json() == {"invocation_id": invocation_id, "signal": "add", "status": "sent"}
+    r = await _until(
+        api,
+        f"{path}/queries/total",
+        lambda r: r.status_code == 200,
+        "the first signal to be added up",
+    )
+    assert r.json() == {"invocation_id": invocation_id, "query": "total", "value": 5}
+    assert (await api.http.post(f"{path}/signals/add", json=7)).status_code == 202
+    r = await _until(
+        api, path, lambda r: r.json()["status"] == "completed", "the workflow to finish"
+    )
+    assert r.json()["result"] == 12
+    assert (await api.http.get(f"{path}/queries/total")).json()["value"] == 12
+    # A finished invocation takes no more signals; an unknown one is 404.
+    message = _error(await api.http.post(f"{path}/signals/add", json=1), 409, "conflict")
+    assert "already completed" in message
+    _error(await api.http.post("/invocations/0000-missing/signals/add", json=1), 404, "not_found")
+    _error(await api.http.get("/invocations/0000-missing/queries/total"), 404, "not_found")
+
+
+async def test_cancel_a_parked_workflow_over_http(api: Api) -> None:
+    invocation_id, _ = await _parked_on_promise(api, "tea", "approve-5")
+    path = f"/invocations/{invocation_id}"
+    _error(await api.http.post(f"{path}/cancel", json={"reason": 3}), 422, "invalid_arguments")
+    r = await api.http.post(f"{path}/cancel", json={"reason": "customer asked"})
+    assert r.status_code == 202, r.text
+    assert r.headers["location"] == path
+    assert r.json()["cancel_reason"] == "customer asked"
+    # Waiting for it (the same start, with its key) gives the cancellation.
+    r = await api.http.post(
+        "/workflows/shop.approve", json={"item": "tea"}, headers={"Idempotency-Key": "approve-5"}
+    )
+    assert r.status_code == 409, r.text
+    assert r.json() == {
+        "invocation_id": invocation_id,
+        "status": "cancelled",
+        "error": {"type": "Cancelled", "message": "customer asked"},
+    }
+    view = (await api.http.get(path)).json()
+    assert view["status"] == "cancelled"
+    assert view["error"] == {"type": "Cancelled", "message": "customer asked"}
+    assert EFFECTS == [("release", "tea")]  # its finally block ran, once
+    kinds = [e["kind"] for e in (await api.http.get(f"{path}/journal")).json()["entries"]]
+    assert kinds == ["input", "promise", "publish", "cancel", "step", "output"]
+    # Cancelling it again, or cancelling a completed invocation, is a conflict.
+    message = _error(await api.http.post(f"{path}/cancel"), 409, "conflict")
+    assert "already cancelled" in message
+    done = await api.http.post("/workflows/shop.order", json=[{"item": "jam", "quantity": 1}])
+    r = await api.http.post(f"/invocations/{done.json()['invocation_id']}/cancel")
+    assert "already completed" in _error(r, 409, "conflict")
+    _error(await api.http.post("/invocations/0000-missing/cancel"), 404, "not_found")
+
+
+async def test_timeout_seconds_sets_a_deadline(frozen_api: Api, clock_frozen: FakeClock) -> None:
+    api = frozen_api
+    _error(await api.http.post("/workflows/shop.nap?timeout_seconds=0"), 400, "bad_request")
+    _error(await api.http.post("/workflows/shop.nap?timeout_seconds=1e12"), 400, "bad_request")
+    start = clock_frozen.now()
+    r = await api.http.post("/workflows/shop.nap/start?timeout_seconds=7200")
+    assert r.status_code == 202, r.text
+    path = f"/invocations/{r.json()['invocation_id']}"
+    r = await _until(api, path, lambda r: r.json()["status"] == "suspended", "the nap to park")
+    view = r.json()
+    # Parked for a day, but woken at its deadline, two hours in.
+    two_hours = datetime.datetime.fromtimestamp(start + 7200, datetime.UTC)
+    assert view["deadline"] == two_hours.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert view["wake_at"] == view["deadline"]
+    clock_frozen.advance(7200)
+    r = await _until(api, path, lambda r: r.json()["status"] == "cancelled", "the deadline")
+    assert r.json()["error"] == {"type": "Cancelled", "message": "timed out (its deadline passed)"}
+    assert r.json()["wake_at"] is None
+
+
+async def test_a_suspended_sleep_shows_when_it_wakes(
+    frozen_api: Api, clock_frozen: FakeClock
+) -> None:
+    api = frozen_api
+    start = clock_frozen.now()
+    r = await api.http.post("/workflows/shop.nap?timeout=0.01")
+    assert r.status_code == 202  # still asleep when the wait ran out
+    path = f"/invocations/{r.json()['invocation_id']}"
+    r = await _until(api, path, lambda r: r.json()["status"] == "suspended", "the nap to park")
+    day = datetime.datetime.fromtimestamp(start + 86400, datetime.UTC)
+    assert r.json()["wake_at"] == day.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert r.json()["deadline"] is None
+    clock_frozen.advance(86400)
+    r = await _until(api, path, lambda r: r.json()["status"] == "completed", "the nap to end")
+    assert r.json()["result"] == "rested"
+
+
+async def test_control_routes_are_in_the_openapi_document(api: Api) -> None:
+    doc = (await api.http.get("/openapi.json")).json()
+    paths = doc["paths"]
+    assert set(paths["/promises/{promise_id}/resolve"]) == {"post"}
+    assert set(paths["/promises/{promise_id}/reject"]) == {"post"}
+    assert set(paths["/invocations/{invocation_id}/signals/{name}"]) == {"post"}
+    assert set(paths["/invocations/{invocation_id}/queries/{name}"]) == {"get"}
+    cancel = paths["/invocations/{invocation_id}/cancel"]["post"]
+    assert set(cancel["responses"]) >= {"202", "404", "409"}
+    assert cancel["requestBody"]["required"] is False
+    start = paths["/workflows/shop.nap/start"]["post"]
+    assert "timeout_seconds" in {p["name"] for p in start["parameters"]}
+    invocation = doc["components"]["schemas"]["Invocation"]["properties"]
+    assert {"wake_at", "deadline", "parent_id", "cancel_reason"} <= set(invocation)
+    kinds = doc["components"]["schemas"]["JournalEntry"]["properties"]["kind"]["enum"]
+    assert {"promise", "signal", "publish", "cancel", "timer"} <= set(kinds)
+
+
 # -- the OpenAPI document -----------------------------------------------------------
 
 
@@ -530,7 +822,12 @@ async def test_openapi_document(api: Api) -> None:
     schemas = doc["components"]["schemas"]
     assert schemas["Order"]["properties"]["quantity"] == {"type": "integer"}
     assert schemas["Tally"]["properties"]["total"] == {"type": "integer", "default": 0}
-    assert {p["name"] for p in post["parameters"]} == {"wait", "timeout", "Idempotency-Key"}
+    assert {p["name"] for p in post["parameters"]} == {
+        "wait",
+        "timeout",
+        "timeout_seconds",
+        "Idempotency-Key",
+    }
     assert doc["security"] == [{"bearer": []}]
     assert paths["/workflows/shop.wait"]["post"]["requestBody"]["required"] is False
     # Every reference resolves.

@@ -4,7 +4,8 @@
 mid-batch, restarted, checked); ``perdure bench`` runs the benchmarks when
 ``perdure._bench`` is installed; ``perdure serve`` serves an application's
 workflows and actors over HTTP; ``perdure invocations``, ``journal``,
-``actor`` and ``fork`` read a store. Commands import what they need when
+``actor`` and ``fork`` read a store; ``perdure cancel``, ``promise``,
+``signal`` and ``query`` act on its invocations. Commands import what they need when
 they run, so ``perdure --help`` stays fast.
 """
 
@@ -25,10 +26,14 @@ from . import __version__
 _LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "actor": ("perdure._cli_store", "actor"),
     "bench": ("perdure._bench", "bench"),
+    "cancel": ("perdure._cli_control", "cancel"),
     "fork": ("perdure._cli_store", "fork"),
     "invocations": ("perdure._cli_store", "invocations"),
     "journal": ("perdure._cli_store", "journal"),
+    "promise": ("perdure._cli_control", "promise"),
+    "query": ("perdure._cli_control", "query"),
     "serve": ("perdure._cli_serve", "serve"),
+    "signal": ("perdure._cli_control", "signal"),
 }
 
 

@@ -125,16 +125,19 @@ def runtime_for(store_url: str, app: str | None) -> Runtime:
     return Runtime(store, workflows=workflows, actors=actors, recover=False)
 
 
+_READ_OVER_HTTP = (
+    "read through its HTTP API instead (GET /invocations, /invocations/ID, /invocations/ID/journal)"
+)
+
+
 @contextlib.asynccontextmanager
-async def started(rt: Runtime) -> AsyncIterator[Runtime]:
-    """``rt`` started; a store that another runtime holds is a clear error."""
+async def started(rt: Runtime, over_http: str = _READ_OVER_HTTP) -> AsyncIterator[Runtime]:
+    """``rt`` started; a store that another runtime holds is a clear error,
+    which says what to do over HTTP instead (``over_http``)."""
     try:
         await rt.start()
     except RuntimeLockedError as exc:
-        raise click.ClickException(
-            f"{exc} If that is 'perdure serve', read through its HTTP API instead "
-            "(GET /invocations, /invocations/ID, /invocations/ID/journal)."
-        ) from None
+        raise click.ClickException(f"{exc} If that is 'perdure serve', {over_http}.") from None
     try:
         yield rt
     finally:
@@ -386,6 +389,14 @@ def show_invocation(invocation_id: str, store: str, as_json: bool) -> None:
     if view["actor"] is not None:
         actor = view["actor"]
         grid.add_row("actor", _escape(f"{actor['type']}/{actor['key']}, message #{actor['seq']}"))
+    if view["parent_id"] is not None:
+        grid.add_row("parent", view["parent_id"])
+    if view["status"] == "suspended":
+        grid.add_row("wakes", view["wake_at"] or "when woken (a promise, a signal, a child)")
+    if view["deadline"] is not None:
+        grid.add_row("deadline", view["deadline"])
+    if view["cancel_reason"] is not None:
+        grid.add_row("cancel reason", _escape(view["cancel_reason"]))
     if "result" in view:
         grid.add_row("result", _escape(dumps_pretty(view["result"])))
     if "error" in view:

@@ -55,7 +55,13 @@ def error_view(exc: BaseException) -> dict[str, str]:
 
 
 def record_view(rec: InvocationRecord) -> dict[str, Any]:
-    """An invocation's record: what it runs, where it is, when."""
+    """An invocation's record: what it runs, where it is, when.
+
+    A suspended invocation shows when it wakes (``wake_at``; None: when a
+    promise, a signal, a child or a cancellation wakes it); ``deadline`` is
+    when it is cancelled if it has not finished by then; ``cancel_reason``
+    is the reason given when its cancellation was asked for (None if never).
+    """
     actor = None
     if rec.actor_type is not None:
         actor = {"type": rec.actor_type, "key": rec.actor_key, "seq": rec.actor_seq}
@@ -67,6 +73,10 @@ def record_view(rec: InvocationRecord) -> dict[str, Any]:
         "created_at": timestamp(rec.created_at),
         "updated_at": timestamp(rec.updated_at),
         "actor": actor,
+        "parent_id": rec.parent_id,
+        "wake_at": None if rec.wake_at is None else timestamp(rec.wake_at),
+        "deadline": None if rec.deadline is None else timestamp(rec.deadline),
+        "cancel_reason": rec.cancel_reason,
     }
 
 

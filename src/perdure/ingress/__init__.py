@@ -19,6 +19,12 @@ Routes (JSON in, JSON out; errors are ``{"error": {"type", "message"}}``):
   invocation; the same key with another body is a 409.
 - ``GET /invocations``, ``/invocations/{id}``, ``/invocations/{id}/journal``,
   ``/actors/{type}/{key}/history``, ``/actors/{type}/{key}/state?at=N``.
+- ``POST /promises/{id}/resolve`` (body: the value), ``/promises/{id}/reject``
+  (``{"message"}``), ``POST /invocations/{id}/signals/{name}`` (body: the
+  value), ``GET /invocations/{id}/queries/{name}``, ``POST
+  /invocations/{id}/cancel`` (``{"reason"}``, optional); ``?timeout_seconds=``
+  on a workflow start sets a deadline. Unknown: 404; a settled promise or a
+  finished invocation: 409.
 - ``GET /openapi.json``: the OpenAPI 3.1 document of all of the above.
 """
 

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 from starlette.applications import Starlette
@@ -18,7 +19,9 @@ from starlette.routing import Route
 from .._actor import ActorDef
 from .._client import InvocationHandle
 from .._errors import (
+    ConflictError,
     IdempotencyConflictError,
+    InvocationCancelledError,
     InvocationFailedError,
     InvocationStoppedError,
     JournalDecodeError,
@@ -33,6 +36,8 @@ from ._http import (
     BearerAuth,
     HTTPError,
     decode_arguments,
+    decode_text_field,
+    decode_value,
     error_response,
     idempotency_key,
     json_response,
@@ -76,9 +81,6 @@ def create_app(
         finally:
             await runtime.stop()
 
-    # Promises, signals and cancellation are to slot in beside these as
-    # POST /invocations/{invocation_id}/cancel, POST /signals/{name} and
-    # POST /promises/{promise_id}/resolve.
     routes = [
         Route("/openapi.json", ingress.openapi, methods=["GET"]),
         Route("/workflows/{name}", ingress.run_workflow, methods=["POST"]),
@@ -89,6 +91,11 @@ def create_app(
         Route("/invocations", ingress.list_invocations, methods=["GET"]),
         Route("/invocations/{invocation_id}", ingress.get_invocation, methods=["GET"]),
         Route("/invocations/{invocation_id}/journal", ingress.journal, methods=["GET"]),
+        Route("/invocations/{invocation_id}/cancel", ingress.cancel, methods=["POST"]),
+        Route("/invocations/{invocation_id}/signals/{name}", ingress.signal, methods=["POST"]),
+        Route("/invocations/{invocation_id}/queries/{name}", ingress.query, methods=["GET"]),
+        Route("/promises/{promise_id}/resolve", ingress.resolve_promise, methods=["POST"]),
+        Route("/promises/{promise_id}/reject", ingress.reject_promise, methods=["POST"]),
     ]
     middleware = [] if token is None else [Middleware(BearerAuth, token=token)]
     return Starlette(
@@ -121,6 +128,8 @@ def _guarded(endpoint: Callable[[_Ingress, Request], Awaitable[Response]]) -> An
             return error_response(exc.status, exc.kind, exc.message, exc.headers)
         except IdempotencyConflictError as exc:
             return error_response(409, "idempotency_conflict", str(exc))
+        except ConflictError as exc:  # a settled promise, a finished invocation
+            return error_response(409, "conflict", str(exc))
         except NotFoundError as exc:
             return error_response(404, "not_found", str(exc))
         except PayloadTooLargeError as exc:
@@ -137,6 +146,25 @@ def _guarded(endpoint: Callable[[_Ingress, Request], Awaitable[Response]]) -> An
             )
 
     return guarded
+
+
+# The longest deadline a start may ask for (timedelta's own limit is far larger).
+MAX_TIMEOUT_SECONDS = 100 * 365 * 86400.0
+
+
+def _deadline(request: Request) -> timedelta | None:
+    """``?timeout_seconds=``: cancel the invocation if it has not finished by then."""
+    seconds = query_seconds(request, "timeout_seconds")
+    if seconds is None:
+        return None
+    if seconds > MAX_TIMEOUT_SECONDS:
+        raise HTTPError(
+            400,
+            "bad_request",
+            f"query parameter 'timeout_seconds' must be at most {MAX_TIMEOUT_SECONDS:.0f} "
+            "(100 years)",
+        )
+    return timedelta(seconds=seconds)
 
 
 def _created(request: Request, handle: InvocationHandle[Any], status: str) -> Response:
@@ -196,10 +224,11 @@ class _Ingress:
     async def _invoke_workflow(self, request: Request, *, wait: bool) -> Response:
         wf = self._workflow(request.path_params["name"])
         timeout = query_seconds(request, "timeout")
+        deadline = _deadline(request)
         key = idempotency_key(request)
         body = await read_body(request, self.max_body_bytes)
         args, kwargs = decode_arguments(wf, body, f"workflow {wf.name!r}")
-        handle = await self.client.start(wf, *args, idempotency_key=key, **kwargs)
+        handle = await self.client.start(wf, *args, idempotency_key=key, timeout=deadline, **kwargs)
         if not wait:
             return _created(request, handle, (await handle.status()).value)
         return await self._outcome(request, handle, timeout)
@@ -254,7 +283,16 @@ class _Ingress:
         try:
             value = await handle.result(timeout=timeout)
         except TimeoutError:
-            return _created(request, handle, "running")
+            return _created(request, handle, (await handle.status()).value)
+        except InvocationCancelledError as exc:
+            return json_response(
+                409,
+                {
+                    "invocation_id": handle.id,
+                    "status": "cancelled",
+                    "error": {"type": "Cancelled", "message": exc.reason},
+                },
+            )
         except InvocationFailedError as exc:
             return json_response(
                 500, {"invocation_id": handle.id, "status": "failed", "error": error_view(exc)}
@@ -342,6 +380,57 @@ class _Ingress:
                 "at": last if at is None else at,
                 "state": state,
             },
+        )
+
+    # -- promises, signals, queries, cancellation ---------------------------------------
+
+    @_guarded
+    async def resolve_promise(self, request: Request) -> Response:
+        promise_id = request.path_params["promise_id"]
+        value = decode_value(await read_body(request, self.max_body_bytes))
+        await self.client.resolve_promise(promise_id, value)
+        return json_response(200, {"promise_id": promise_id, "status": "resolved"})
+
+    @_guarded
+    async def reject_promise(self, request: Request) -> Response:
+        promise_id = request.path_params["promise_id"]
+        body = await read_body(request, self.max_body_bytes)
+        message = decode_text_field(body, "message", required=True)
+        assert message is not None
+        await self.client.reject_promise(promise_id, message)
+        return json_response(200, {"promise_id": promise_id, "status": "rejected"})
+
+    @_guarded
+    async def signal(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        value = decode_value(await read_body(request, self.max_body_bytes))
+        handle = await self.client.get(request.path_params["invocation_id"])
+        await handle.signal(name, value)
+        return json_response(202, {"invocation_id": handle.id, "signal": name, "status": "sent"})
+
+    @_guarded
+    async def query(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        handle = await self.client.get(request.path_params["invocation_id"])
+        value = await handle.query(name)
+        return json_response(200, {"invocation_id": handle.id, "query": name, "value": value})
+
+    @_guarded
+    async def cancel(self, request: Request) -> Response:
+        body = await read_body(request, self.max_body_bytes)
+        reason = decode_text_field(body, "reason", required=False)
+        handle = await self.client.get(request.path_params["invocation_id"])
+        await handle.cancel(reason or "cancelled")
+        # Delivered at its next durable point: until then it is not cancelled yet.
+        rec = await handle.record()
+        return json_response(
+            202,
+            {
+                "invocation_id": handle.id,
+                "status": rec.status.value,
+                "cancel_reason": rec.cancel_reason,
+            },
+            {"Location": f"{request.scope.get('root_path', '')}/invocations/{handle.id}"},
         )
 
     @_guarded

@@ -134,6 +134,38 @@ def query_seconds(request: Request, name: str) -> float | None:
     return value
 
 
+def decode_value(body: bytes) -> Any:
+    """The body as one JSON value (a promise's value, a signal's); empty: null."""
+    if not body.strip():
+        return None
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise HTTPError(
+            400, "malformed_json", f"the request body is not valid JSON: {exc}"
+        ) from None
+
+
+def decode_text_field(body: bytes, field: str, *, required: bool) -> str | None:
+    """``{"<field>": "..."}``'s non-empty string; None for no body, ``{}`` or
+    a null field, unless ``required``."""
+    value = decode_value(body)
+    if isinstance(value, dict) and set(value) == {field}:
+        found = value[field]
+        if isinstance(found, str) and found:
+            return found
+        if found is None and not required:
+            return None
+    elif not required and (value is None or value == {}):
+        return None
+    optional = "" if required else " (or no body)"
+    raise HTTPError(
+        422,
+        "invalid_arguments",
+        f'the body must be {{"{field}": "<a non-empty string>"}}{optional}',
+    )
+
+
 # -- arguments -----------------------------------------------------------------
 
 

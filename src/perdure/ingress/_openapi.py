@@ -12,6 +12,7 @@ import msgspec
 from .. import __version__
 from .._runtime import Runtime
 from .._workflow import Workflow
+from ..storage._records import EntryKind
 
 log = logging.getLogger("perdure.ingress")
 
@@ -34,7 +35,7 @@ def _json(schema: dict[str, Any] | str, description: str) -> dict[str, Any]:
 _ERRORS = {
     "400": _json("Error", "Malformed JSON or a bad parameter"),
     "401": _json("Error", "Missing or wrong bearer token"),
-    "404": _json("Error", "No such workflow, actor type, handler or invocation"),
+    "404": _json("Error", "No such workflow, actor type, handler, invocation or promise"),
     "413": _json("Error", "The request body is over the limit"),
     "422": _json("Error", "The arguments do not fit the handler's signature and type hints"),
 }
@@ -69,6 +70,16 @@ _BASE_SCHEMAS: dict[str, Any] = {
         },
         "required": ["invocation_id", "status", "error"],
     },
+    "Cancelled": {
+        "type": "object",
+        "description": "The invocation was cancelled, or its deadline passed, before it finished",
+        "properties": {
+            "invocation_id": {"type": "string"},
+            "status": {"const": "cancelled"},
+            "error": {"$ref": REF.format(name="Error") + "/properties/error"},
+        },
+        "required": ["invocation_id", "status", "error"],
+    },
     "Invocation": {
         "type": "object",
         "description": "An invocation; once finished, with its result or its error",
@@ -89,6 +100,25 @@ _BASE_SCHEMAS: dict[str, Any] = {
                     "seq": {"type": "integer"},
                 },
             },
+            "parent_id": {
+                "type": ["string", "null"],
+                "description": "the invocation that started this one as its child",
+            },
+            "wake_at": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "when a suspended invocation resumes (null: when a promise, a "
+                "signal, a child or a cancellation wakes it)",
+            },
+            "deadline": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "when it is cancelled if it has not finished",
+            },
+            "cancel_reason": {
+                "type": ["string", "null"],
+                "description": "set once its cancellation was asked for",
+            },
             "result": {},
             "error": {"$ref": REF.format(name="Error") + "/properties/error"},
         },
@@ -98,7 +128,7 @@ _BASE_SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "index": {"type": "integer"},
-            "kind": {"enum": ["input", "step", "output"]},
+            "kind": {"enum": [kind.value for kind in EntryKind]},
             "name": {"type": "string"},
             "ok": {"type": "boolean"},
             "attempts": {"type": "integer"},
@@ -210,6 +240,13 @@ _TIMEOUT = {
     "schema": {"type": "number", "exclusiveMinimum": 0},
     "description": "seconds to wait for the result; after that, 202 with the invocation id",
 }
+_TIMEOUT_SECONDS = {
+    "name": "timeout_seconds",
+    "in": "query",
+    "schema": {"type": "number", "exclusiveMinimum": 0},
+    "description": "a deadline: the invocation is cancelled if it has not finished this many "
+    "seconds after it started (its children inherit it)",
+}
 _IDEMPOTENCY = {
     "name": "Idempotency-Key",
     "in": "header",
@@ -234,6 +271,7 @@ def _invoke(
     parameters: list[dict[str, Any]],
     *,
     wait: bool,
+    cancellable: bool = False,
 ) -> dict[str, Any]:
     responses: dict[str, Any] = {}
     if wait:
@@ -250,6 +288,12 @@ def _invoke(
     responses["202"] = _json("Accepted", "Recorded; not waited for")
     responses.update(_ERRORS)
     responses["409"] = _json("Error", "The Idempotency-Key was used with a different body")
+    if wait and cancellable:
+        responses["409"] = _json(
+            {"oneOf": [_ref("Error"), _ref("Cancelled")]},
+            "The Idempotency-Key was used with a different body, or the invocation was "
+            "cancelled (or timed out)",
+        )
     if wait:
         responses["500"] = _json("Failed", "The invocation failed")
     return {
@@ -290,8 +334,9 @@ def openapi_document(runtime: Runtime, *, auth: bool) -> dict[str, Any]:
                     _operation_id("run", name),
                     body,
                     result,
-                    [_WAIT, _TIMEOUT, _IDEMPOTENCY],
+                    [_WAIT, _TIMEOUT, _TIMEOUT_SECONDS, _IDEMPOTENCY],
                     wait=True,
+                    cancellable=True,
                 )
             },
         )
@@ -304,7 +349,7 @@ def openapi_document(runtime: Runtime, *, auth: bool) -> dict[str, Any]:
                     _operation_id("start", name),
                     body,
                     result,
-                    [_IDEMPOTENCY],
+                    [_TIMEOUT_SECONDS, _IDEMPOTENCY],
                     wait=False,
                 )
             },
@@ -417,6 +462,7 @@ def openapi_document(runtime: Runtime, *, auth: bool) -> dict[str, Any]:
             parameters=[_INVOCATION_ID],
         ),
     )
+    _add_controls(paths)
     components: dict[str, Any] = {"schemas": {**schemas.components, **_BASE_SCHEMAS}}
     document: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -428,3 +474,144 @@ def openapi_document(runtime: Runtime, *, auth: bool) -> dict[str, Any]:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         document["security"] = [{"bearer": []}]
     return document
+
+
+def _post(
+    summary: str,
+    operation_id: str,
+    parameters: list[dict[str, Any]],
+    body: dict[str, Any] | None,
+    ok: tuple[str, dict[str, Any], str],
+    conflict: str,
+) -> dict[str, Any]:
+    status, schema, description = ok
+    responses: dict[str, Any] = {status: _json(schema, description)}
+    responses.update({k: v for k, v in _ERRORS.items() if k != "422" or body is not None})
+    responses["409"] = _json("Error", conflict)
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "operationId": operation_id,
+        "parameters": parameters,
+        "responses": responses,
+    }
+    if body is not None:
+        operation["requestBody"] = body
+    return {"post": operation}
+
+
+def _add_controls(paths: dict[str, Any]) -> None:
+    """Promises, signals, queries and cancellation: the same for every workflow."""
+    promise_id = {
+        "name": "promise_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+        "description": "what ctx.promise() returned as p.id",
+    }
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    any_value = {"required": False, "content": _content({"description": "any JSON value"})}
+
+    def text_body(field: str, required: bool) -> dict[str, Any]:
+        schema = {
+            "type": "object",
+            "properties": {field: {"type": "string", "minLength": 1}},
+            "required": [field] if required else [],
+            "additionalProperties": False,
+        }
+        return {"required": required, "content": _content(schema)}
+
+    def settled(state: str) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "properties": {"promise_id": {"type": "string"}, "status": {"const": state}},
+            "required": ["promise_id", "status"],
+        }
+
+    _add(
+        paths,
+        "/promises/{promise_id}/resolve",
+        _post(
+            "Resolve a durable promise with the body's JSON value (empty: null); the "
+            "workflow that waits for it resumes",
+            "resolve_promise",
+            [promise_id],
+            any_value,
+            ("200", settled("resolved"), "Resolved"),
+            "The promise is already resolved or rejected",
+        ),
+    )
+    _add(
+        paths,
+        "/promises/{promise_id}/reject",
+        _post(
+            "Reject a durable promise: its await raises TerminalError(message)",
+            "reject_promise",
+            [promise_id],
+            text_body("message", True),
+            ("200", settled("rejected"), "Rejected"),
+            "The promise is already resolved or rejected",
+        ),
+    )
+    sent = {
+        "type": "object",
+        "properties": {
+            "invocation_id": {"type": "string"},
+            "signal": {"type": "string"},
+            "status": {"const": "sent"},
+        },
+        "required": ["invocation_id", "signal", "status"],
+    }
+    _add(
+        paths,
+        "/invocations/{invocation_id}/signals/{name}",
+        _post(
+            "Send a signal with the body's JSON value (empty: null); the workflow takes it "
+            "with ctx.signal(name)",
+            "send_signal",
+            [_INVOCATION_ID, name],
+            any_value,
+            ("202", sent, "Recorded; delivered in order"),
+            "The invocation has finished",
+        ),
+    )
+    asked = {
+        "type": "object",
+        "properties": {
+            "invocation_id": {"type": "string"},
+            "status": {"type": "string"},
+            "cancel_reason": {"type": "string"},
+        },
+        "required": ["invocation_id", "status", "cancel_reason"],
+    }
+    _add(
+        paths,
+        "/invocations/{invocation_id}/cancel",
+        _post(
+            "Cancel an invocation (and its children) at its next durable point; its "
+            "finally blocks and compensations run",
+            "cancel_invocation",
+            [_INVOCATION_ID],
+            text_body("reason", False),
+            ("202", asked, "Asked for; GET the invocation to see it end cancelled"),
+            "The invocation has finished",
+        ),
+    )
+    published = {
+        "type": "object",
+        "properties": {
+            "invocation_id": {"type": "string"},
+            "query": {"type": "string"},
+            "value": {},
+        },
+        "required": ["invocation_id", "query", "value"],
+    }
+    _add(
+        paths,
+        "/invocations/{invocation_id}/queries/{name}",
+        _read(
+            "The latest value the invocation published with ctx.publish(name, ...)",
+            "query_invocation",
+            published,
+            parameters=[_INVOCATION_ID, name],
+        ),
+    )
