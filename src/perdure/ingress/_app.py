@@ -42,6 +42,7 @@ from ._http import (
     read_body,
 )
 from ._openapi import openapi_document
+from ._ui import ui_routes
 
 log = logging.getLogger("perdure.ingress")
 
@@ -89,6 +90,7 @@ def create_app(
         Route("/invocations", ingress.list_invocations, methods=["GET"]),
         Route("/invocations/{invocation_id}", ingress.get_invocation, methods=["GET"]),
         Route("/invocations/{invocation_id}/journal", ingress.journal, methods=["GET"]),
+        *ui_routes(runtime),
     ]
     middleware = [] if token is None else [Middleware(BearerAuth, token=token)]
     return Starlette(
