@@ -227,3 +227,17 @@ def test_changes_name_what_was_added_removed_and_changed() -> None:
     ]
     assert changes(1, 2) == [{"path": ".", "change": "changed", "before": 1, "after": 2}]
     assert changes({"a": 1}, {"a": 1}) == []
+
+
+async def test_an_unexpected_error_is_logged_not_sent(
+    ui: Ui, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(invocation_id: str) -> list[Any]:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(ui.rt.store, "read_attempts", broken)
+    r = await ui.http.get(f"/ui/api/invocations/{ui.ids['ship o-1']}/timeline")
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "internal_error"
+    assert "disk on fire" not in r.text
+    assert "disk on fire" in caplog.text

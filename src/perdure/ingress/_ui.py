@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,6 +35,8 @@ from .._runtime import Runtime
 from .._views import dumps, entry_view, error_view, record_view, recorded_error_view, timestamp
 from ..storage._records import EntryKind
 from ._http import HTTPError, error_response, json_response, query_int
+
+log = logging.getLogger("perdure.ingress")
 
 # The page may load only itself: no inline script, no other origin.
 _SECURITY_HEADERS = {
@@ -93,6 +96,11 @@ def _guarded(endpoint: Callable[[_UI, Request], Awaitable[Response]]) -> Any:
             return error_response(404, "not_found", str(exc))
         except ValueError as exc:
             return error_response(400, "bad_request", str(exc))
+        except Exception:
+            log.exception("%s %s failed", request.method, request.url.path)
+            return error_response(
+                500, "internal_error", "internal server error; the server's log has the details"
+            )
 
     return guarded
 
