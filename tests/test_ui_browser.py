@@ -234,6 +234,15 @@ def test_the_list_shows_every_invocation_and_the_search_filters_it(served: Serve
         served, lambda d: _rows(served) == [served.ids["ledger o-3"]], "the server's status filter"
     )
 
+    # An id that is not in the list can still be opened.
+    Select(_one(served, "#status-filter")).select_by_value("")
+    _wait(served, lambda d: len(_rows(served)) == 14, "every row again")
+    _type(served, "#search", "0000dead-not-there")
+    _one(served, "#open-id").click()
+    error = _one(served, "#detail .error-text")
+    assert "not_found" in error.text
+    assert "0000dead-not-there" in error.text
+
 
 def test_a_timeline_shows_each_entry_and_the_failed_attempts(served: Served) -> None:
     failed = served.ids["ledger o-3"]

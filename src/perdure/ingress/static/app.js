@@ -84,7 +84,12 @@
       ]);
       state.invocations = invocations.invocations.slice().reverse(); // newest first
       state.actors = actors.actors;
-      notice("");
+      // The API lists the oldest first: past the limit, the newest are not here.
+      notice(
+        invocations.invocations.length >= 1000
+          ? "Showing the oldest 1000 invocations: choose a status, or paste an id, to find others."
+          : "",
+      );
     } catch (error) {
       notice(error.message, true);
     }
@@ -125,9 +130,21 @@
     );
     clear(document.querySelector("#invocations tbody"), rows);
     if (!rows.length) {
+      const id = words.length === 1 && words[0].length >= 8 ? document.getElementById("search").value.trim() : null;
       document
         .querySelector("#invocations tbody")
-        .append(el("tr", { class: "empty" }, el("td", { colspan: "5" }, "No invocation matches.")));
+        .append(
+          el(
+            "tr",
+            { class: "empty" },
+            el(
+              "td",
+              { colspan: "5" },
+              "No invocation in the list matches.",
+              id ? [" ", el("a", { id: "open-id", href: `#/invocation/${encodeURIComponent(id)}` }, `Open ${id}`)] : null,
+            ),
+          ),
+        );
     }
     document.getElementById("invocation-count").textContent =
       shown.length === state.invocations.length
