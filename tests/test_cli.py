@@ -489,6 +489,7 @@ def test_serve_generates_a_token_off_loopback(monkeypatch: pytest.MonkeyPatch) -
     assert isinstance(token, str)
     assert len(token) >= 32
     assert f"Authorization: Bearer {token}" in r.stderr
+    assert f"http://0.0.0.0:1234/ui/?token={token}" in r.stderr  # the web UI's sign-in
     assert "2 workflow(s) and 1 actor type(s)" in r.stderr
 
     cli("serve", "--store", "memory://", "--app", APP, "--token", "mine")

@@ -91,10 +91,16 @@ def serve(
             f"on {url} (store {store}); the API is described at {url}/openapi.json",
             err=True,
         )
+        click.echo(
+            f"perdure: the web UI is at {url}/ui/"
+            + (" (with a token: open /ui/?token=TOKEN once)" if token is not None else ""),
+            err=True,
+        )
         if generated:
             click.echo(
                 f"perdure: {host} is not a loopback address, so token auth is on: send "
-                f"'Authorization: Bearer {token}' (choose the token with --token or PERDURE_TOKEN)",
+                f"'Authorization: Bearer {token}' (choose the token with --token or "
+                f"PERDURE_TOKEN); in a browser, open {url}/ui/?token={token}",
                 err=True,
             )
 

@@ -26,6 +26,8 @@ Routes (JSON in, JSON out; errors are ``{"error": {"type", "message"}}``):
   on a workflow start sets a deadline. Unknown: 404; a settled promise or a
   finished invocation: 409.
 - ``GET /openapi.json``: the OpenAPI 3.1 document of all of the above.
+- ``GET /ui/``: the time-travel web UI (``/`` redirects there); with a
+  token, a browser signs in once with ``/ui/?token=<token>``.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ from ._http import (
     read_body,
 )
 from ._openapi import openapi_document
+from ._ui import ui_routes
 
 log = logging.getLogger("perdure.ingress")
 
@@ -96,6 +97,7 @@ def create_app(
         Route("/invocations/{invocation_id}/queries/{name}", ingress.query, methods=["GET"]),
         Route("/promises/{promise_id}/resolve", ingress.resolve_promise, methods=["POST"]),
         Route("/promises/{promise_id}/reject", ingress.reject_promise, methods=["POST"]),
+        *ui_routes(runtime),
     ]
     middleware = [] if token is None else [Middleware(BearerAuth, token=token)]
     return Starlette(

@@ -6,9 +6,9 @@ import hmac
 import inspect
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlencode
 
 import msgspec
-from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -245,26 +245,69 @@ def _decode(raw: msgspec.Raw, hint: Any, name: str, what: str) -> Any:
 
 
 class BearerAuth:
-    """Refuses every HTTP request without ``Authorization: Bearer <token>``."""
+    """Refuses every HTTP request without ``Authorization: Bearer <token>``.
+
+    A browser cannot send that header when it opens a page, so the web UI
+    is opened once as ``/ui/?token=<token>``: that answers with a redirect
+    to the same page without the token, and an HttpOnly, SameSite=Strict
+    cookie derived from it (not the token itself). The cookie then stands
+    for the token on GET and HEAD requests, and on other requests only with
+    the header the UI's own script sends (``X-Perdure-UI: 1``), which a form
+    on another site cannot send.
+    """
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
         self._token = token.encode()
+        self._cookie = hmac.new(self._token, b"perdure-ui-cookie", "sha256").hexdigest().encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self._authorized(Headers(scope=scope)):
-            response = error_response(
-                401,
-                "unauthorized",
-                "missing or wrong bearer token: send 'Authorization: Bearer <token>'",
-                {"WWW-Authenticate": 'Bearer realm="perdure"'},
-            )
-            await response(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        request = Request(scope)
+        given = request.query_params.get("token")
+        if given is not None and request.method in ("GET", "HEAD"):
+            if hmac.compare_digest(given.encode(), self._token):
+                await self._set_cookie(request)(scope, receive, send)
+                return
+        elif self._authorized(request):
+            await self.app(scope, receive, send)
+            return
+        response = error_response(
+            401,
+            "unauthorized",
+            "missing or wrong bearer token: send 'Authorization: Bearer <token>' "
+            "(in a browser, open /ui/?token=<token> once)",
+            {"WWW-Authenticate": 'Bearer realm="perdure"'},
+        )
+        await response(scope, receive, send)
 
-    def _authorized(self, headers: Headers) -> bool:
-        scheme, _, given = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
+    def _authorized(self, request: Request) -> bool:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            return hmac.compare_digest(given.strip().encode(), self._token)
+        cookie = request.cookies.get(UI_COOKIE)
+        if cookie is None or not hmac.compare_digest(cookie.encode(), self._cookie):
             return False
-        return hmac.compare_digest(given.strip().encode(), self._token)
+        return request.method in ("GET", "HEAD") or request.headers.get("x-perdure-ui") == "1"
+
+    def _set_cookie(self, request: Request) -> Response:
+        """The same URL without the token, and the cookie that stands for it."""
+        rest = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+        location = request.url.path + (f"?{rest}" if rest else "")
+        response = Response(
+            status_code=303, headers={"Location": location, "Referrer-Policy": "no-referrer"}
+        )
+        response.set_cookie(
+            UI_COOKIE,
+            self._cookie.decode(),
+            path=request.scope.get("root_path") or "/",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+        return response
+
+
+UI_COOKIE = "perdure_ui"
