@@ -632,3 +632,20 @@ async def test_a_cancelled_actor_message_does_not_stop_the_actor(backend: Backen
             await asyncio.wait_for(first.result(), 10)
         second = asyncio.ensure_future(ref.ask(Snoozer.snooze, 0))
         assert await asyncio.wait_for(second, 10) == 1  # the cancelled one changed nothing
+
+
+async def test_a_promise_value_of_the_wrong_type_is_refused_and_nothing_is_recorded(
+    backend: Backend,
+) -> None:
+    async with backend.runtime([approval]) as rt:
+        handle = await rt.client.start(approval, "o-5")
+        pid = await promise_id(handle)
+        with pytest.raises(perdure.SerializationError, match="expects a str"):
+            await rt.client.resolve_promise(pid, None)
+        with pytest.raises(perdure.SerializationError, match="expects a str"):
+            await rt.client.resolve_promise(pid, {"not": "a string"})
+        promise = await rt.store.get_promise(pid)
+        assert promise is not None
+        assert promise.state == "pending"
+        await rt.client.resolve_promise(pid, "fine")  # a correct value still settles it
+        assert await asyncio.wait_for(handle.result(), 10) == "o-5: fine"

@@ -268,13 +268,19 @@ class DurablePromise(DurableFuture[T]):
         return self._ctx._rt.codec.encode(self.id, "a promise id")[0]
 
     def record(self, now: float) -> PromiseRecord:
+        # While pending, type_tag names the type the workflow expects, so that
+        # a resolution with a value of another type is refused up front.
+        hint = self._hint
+        expected = None
+        if isinstance(hint, type) and "<locals>" not in hint.__qualname__:
+            expected = f"{hint.__module__}:{hint.__qualname__}"
         return PromiseRecord(
             id=self.id,
             invocation_id=self._ctx.invocation_id,
             name=self.name,
             state="pending",
             payload=None,
-            type_tag=None,
+            type_tag=expected,
             created_at=now,
         )
 

@@ -628,6 +628,8 @@ class Runtime:
                 f"promise {promise_id} does not exist; promise ids are what ctx.promise() "
                 "returned (p.id)"
             )
+        if ok and found.state == "pending" and found.type_tag is not None:
+            self._check_promise_value(found.id, found.type_tag, payload, type_tag)
         await self.store.commit(
             Write(
                 resolution=Resolution(
@@ -640,6 +642,25 @@ class Runtime:
             )
         )
         self.notify(found.invocation_id)
+
+    def _check_promise_value(
+        self, promise_id: str, expected: str, payload: bytes, type_tag: str | None
+    ) -> None:
+        """Refuse a value the waiting workflow could not read back as its type."""
+        from ._serde import resolve_name
+
+        try:
+            hint = resolve_name(expected)
+        except (ImportError, AttributeError):
+            return  # the type is not importable here: the workflow's node decides
+        try:
+            self.codec.decode(payload, type_tag, hint)
+        except (ValueError, TypeError, AttributeError, ImportError, PerdureError) as exc:
+            raise SerializationError(
+                f"promise {promise_id} expects a {getattr(hint, '__qualname__', hint)}, and "
+                f"this value does not read back as one ({exc}); nothing was recorded: resolve "
+                "it with a value of that type"
+            ) from None
 
     async def send_signal(
         self, invocation_id: str, name: str, payload: bytes, type_tag: str | None
