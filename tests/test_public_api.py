@@ -56,6 +56,7 @@ STORAGE_ALL = [
     "InvocationRecord",
     "JournalEntry",
     "MemoryStore",
+    "PostgresStore",
     "SQLiteStore",
     "Status",
     "StatusChange",
