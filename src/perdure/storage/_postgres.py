@@ -36,6 +36,7 @@ from ._postgres_batch import (
     invocation_from_row,
     is_connection_lost,
     map_error,
+    one_line,
 )
 from ._records import (
     Attempt,
@@ -133,6 +134,10 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _MIGRATION_LOCK = 0x70657264  # "perd": the advisory lock class for migrations
 _CONNECT_TIMEOUT_SECONDS = 10
+# A read whose connection died is repeated on another one; the pool drops
+# the dead ones first. More than once: after a restart, a pooled connection
+# handed out while the pool was being checked may be dead too.
+_READ_ATTEMPTS = 3
 _INSTALL_HINT = "pip install 'perdure[postgres]'"
 
 
@@ -313,8 +318,9 @@ class PostgresStore(Store):
 
     def _cannot_connect(self, exc: BaseException) -> StorageError:
         return StorageError(
-            f"PostgreSQL store {self.url}: cannot connect to the server ({exc}). Check that "
-            "PostgreSQL is running and that the URL's host, port, user and database are right."
+            f"PostgreSQL store {self.url}: cannot connect to the server ({one_line(exc)}). "
+            "Check that PostgreSQL is running and that the URL's host, port, user and database "
+            "are right."
         )
 
     async def _connect(self) -> Connection:
@@ -421,7 +427,7 @@ class PostgresStore(Store):
                 "open it (or the Runtime) first"
             )
         pool = self._pool
-        for attempt in range(2):
+        for attempt in range(_READ_ATTEMPTS):
             lost = False
             try:
                 async with pool.connection() as conn:
@@ -429,9 +435,10 @@ class PostgresStore(Store):
                         cur = await conn.execute(query, params)
                         return await cur.fetchall()
                     except psycopg.Error as exc:
-                        # A read is safe to repeat: once, on a live connection.
-                        if attempt > 0 or not is_connection_lost(exc, conn):
+                        # A read is safe to repeat, on a live connection.
+                        if attempt == _READ_ATTEMPTS - 1 or not is_connection_lost(exc, conn):
                             raise
+                        await conn.close()  # so that the pool drops it
                         lost = True
             except psycopg.Error as exc:
                 raise map_error(exc, self.url) from None
@@ -634,7 +641,8 @@ def server_version(url: str) -> str:
             row = conn.execute("SHOW server_version").fetchone()
     except psycopg.Error as exc:
         raise StorageError(
-            f"PostgreSQL store {label}: cannot connect to the server ({exc}). Check that "
-            "PostgreSQL is running and that the URL's host, port, user and database are right."
+            f"PostgreSQL store {label}: cannot connect to the server ({one_line(exc)}). "
+            "Check that PostgreSQL is running and that the URL's host, port, user and database "
+            "are right."
         ) from None
     return "" if row is None else str(row[0])

@@ -217,12 +217,25 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
 
 
 def is_connection_lost(exc: BaseException, conn: Connection | None) -> bool:
-    """Whether ``exc`` means the connection is gone (server restart, terminated backend)."""
+    """Whether ``exc`` means the connection is gone (server restart, terminated backend).
+
+    A terminated backend's last word is an error (57P01 admin_shutdown) that
+    arrives before the socket closes, so the connection may not look broken
+    yet: the error's class tells too.
+    """
     import psycopg
 
     if not isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         return False
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    if sqlstate.startswith(("08", "57P")):
+        return True
     return conn is None or conn.closed or conn.broken
+
+
+def one_line(exc: BaseException) -> str:
+    """libpq's multi-line messages on one line."""
+    return " ".join(str(exc).split())
 
 
 def map_error(exc: BaseException, label: str) -> PerdureError:
@@ -247,7 +260,7 @@ def map_error(exc: BaseException, label: str) -> PerdureError:
         return ConflictError(f"PostgreSQL store {label}: {exc}")
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         return StorageError(
-            f"PostgreSQL store {label}: the connection to the server failed ({exc}). "
+            f"PostgreSQL store {label}: the connection to the server failed ({one_line(exc)}). "
             "Check that the server is running and reachable; the store reconnects on its "
             "next use."
         )
@@ -374,7 +387,8 @@ class GroupCommitter:
                             batch,
                             StorageError(
                                 f"PostgreSQL store {self._label}: the connection died during "
-                                f"COMMIT ({lost.cause}) and whether the writes were recorded "
+                                f"COMMIT ({one_line(lost.cause)}) and whether the writes were "
+                                "recorded "
                                 "cannot be told. Check that the server is running; on restart "
                                 "the runtime resumes from what was recorded."
                             ),
@@ -429,6 +443,8 @@ class GroupCommitter:
             await conn.execute("COMMIT")
         except psycopg.Error as exc:
             if is_connection_lost(exc, conn):
+                self._conn = None
+                await conn.close()
                 raise _ConnectionLostError(exc, txn.xid if committing else None, outcomes) from exc
             raise map_error(exc, self._label) from None
         return outcomes
