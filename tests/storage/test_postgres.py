@@ -118,6 +118,19 @@ def test_url_options() -> None:
     for bad in ("Upper", "1st", "pg_x", "a-b", "x" * 64, ""):
         with pytest.raises(ConfigurationError, match="not a valid schema name"):
             open_store(f"postgresql://h/db?schema={bad}")
+    with pytest.raises(ConfigurationError, match="bogus"):
+        open_store("postgresql://h/db?bogus=1&schema=s")
+
+
+async def test_the_url_options_reach_the_server(pg_url: str) -> None:
+    url = pg_url + "&options=-c%20statement_timeout%3D4321&application_name=mine"
+    async with open_store(url) as store:
+        assert isinstance(store, PostgresStore)
+        await created(store)
+        rows = await store._read("SHOW statement_timeout", ())
+        assert rows == [("4321ms",)]
+        rows = await store._read("SELECT current_schema(), current_setting('application_name')", ())
+        assert rows == [(parse_url(pg_url)[1], "mine")]
 
 
 def test_without_psycopg_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

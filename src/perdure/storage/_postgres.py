@@ -21,7 +21,7 @@ import asyncio
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from .._errors import ConfigurationError, JournalDecodeError, StorageError
 from ._base import BeforeCommit, Store
@@ -172,7 +172,9 @@ def parse_url(url: str) -> tuple[str, str, str]:
             "lowercase letters, digits and underscores (at most 63, not starting with a digit "
             "or pg_)"
         )
-    conninfo = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest), ""))
+    conninfo = urlunsplit(
+        (parts.scheme, parts.netloc, parts.path, urlencode(rest, quote_via=quote), "")
+    )
     return conninfo, schema, redact(url)
 
 
@@ -249,13 +251,17 @@ class PostgresStore(Store):
         self._committer: GroupCommitter | None = None
         self._pool: Pool | None = None
         self._closed = True
-        self._conn_kwargs: dict[str, Any] = {
-            "autocommit": True,
-            "options": f"-c search_path={schema}",
-        }
         import psycopg.conninfo
 
-        given = psycopg.conninfo.conninfo_to_dict(conninfo)
+        try:
+            given = psycopg.conninfo.conninfo_to_dict(conninfo)
+        except psycopg.Error as exc:
+            raise ConfigurationError(
+                f"store URL {self.url!r}: {one_line(exc)}; see the libpq connection parameters"
+            ) from None
+        # The schema goes first in the search path, after any options of the URL's own.
+        options = f"{given.get('options', '')} -c search_path={schema}".strip()
+        self._conn_kwargs: dict[str, Any] = {"autocommit": True, "options": options}
         if "application_name" not in given:
             self._conn_kwargs["application_name"] = f"perdure/{schema}"[:63]
         if "connect_timeout" not in given:
@@ -625,7 +631,7 @@ def with_schema(url: str, schema: str) -> str:
     parts = urlsplit(url)
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "schema"]
     query.append(("schema", schema))
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))
 
 
 def server_version(url: str) -> str:
