@@ -33,7 +33,8 @@ PG_DSN = os.environ.get("PERDURE_PG_DSN", "postgresql://postgres@127.0.0.1:5432/
 _pg_unreachable: list[str | None] = []  # the reason, checked once per session
 
 
-def _check_postgres() -> None:
+def check_postgres() -> None:
+    """Fail (or with PERDURE_SKIP_PG=1, skip) the test if PostgreSQL is unreachable."""
     if not _pg_unreachable:
         try:
             import psycopg
@@ -64,12 +65,35 @@ def postgres_url(schema: str | None = None) -> str:
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL schema's store URL; the schema is dropped afterwards."""
-    _check_postgres()
+    check_postgres()
     url = postgres_url()
     try:
         yield url
     finally:
         drop_schema(url)
+
+
+def pg_query(url: str, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` run in the schema of the store URL; none if its tables do not exist."""
+    import psycopg
+
+    from perdure.storage._postgres import parse_url
+
+    conninfo, schema, _ = parse_url(url)
+    with psycopg.connect(conninfo, options=f"-c search_path={schema}") as conn:
+        try:
+            return conn.execute(sql).fetchall()
+        except psycopg.errors.UndefinedTable:  # nothing was ever opened there
+            return []
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def journal_store(request: pytest.FixtureRequest) -> str | None:
+    """Where a crash test's worker keeps its journal: None for journal.db in its directory."""
+    if request.param == "sqlite":
+        return None
+    url: str = request.getfixturevalue("pg_url")
+    return url
 
 
 @pytest.fixture(params=BACKENDS)

@@ -33,6 +33,8 @@ from typing import Any
 
 import pytest
 
+from conftest import pg_query
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,16 +135,7 @@ def _query(path: Path, sql: str) -> list[tuple[Any, ...]]:
 def _query_store(directory: Path, store: str | None, sql: str) -> list[tuple[Any, ...]]:
     if store is None:
         return _query(directory / "journal.db", sql)
-    import psycopg
-
-    from perdure.storage._postgres import parse_url
-
-    conninfo, schema, _ = parse_url(store)
-    with psycopg.connect(conninfo, options=f"-c search_path={schema}") as conn:
-        try:
-            return conn.execute(sql).fetchall()
-        except psycopg.errors.UndefinedTable:  # nothing was ever opened there
-            return []
+    return pg_query(store, sql)
 
 
 def snapshot(directory: Path, store: str | None = None) -> Snapshot:
@@ -254,15 +247,6 @@ CRASH_POINTS = [
     pytest.param("after_output", "charge", id="after-output-before-read"),
     pytest.param("batch_commit", "charge", id="mid-group-commit-batch"),
 ]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def journal_store(request: pytest.FixtureRequest) -> str | None:
-    """Where the worker keeps its journal: None for journal.db in its directory."""
-    if request.param == "sqlite":
-        return None
-    url: str = request.getfixturevalue("pg_url")
-    return url
 
 
 @pytest.mark.parametrize(("point", "step"), CRASH_POINTS)

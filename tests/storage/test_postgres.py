@@ -289,3 +289,25 @@ async def test_an_in_doubt_commit_is_decided_by_its_transaction_id(
     # Not a transaction of this server (here: one in the future): cannot be told.
     assert await committer._resolve(str(int(committed[0]) + 10**9)) is None
     await created(pg_store)  # the writer connection still works
+
+
+def test_driver_errors_map_to_perdure_errors() -> None:
+    from psycopg import errors
+
+    from perdure import ConflictError, StorageFullError
+    from perdure.storage._postgres_batch import is_connection_lost, map_error
+
+    label = "postgresql://h/db"
+    full = map_error(errors.DiskFull("could not extend file: No space left on device"), label)
+    assert isinstance(full, StorageFullError)
+    assert "Free disk space" in str(full)
+    assert type(map_error(errors.UniqueViolation("dup"), label)) is ConflictError
+    assert type(map_error(errors.ForeignKeyViolation("fk"), label)) is ConflictError
+    lost = map_error(errors.AdminShutdown("terminating connection"), label)
+    assert type(lost) is StorageError
+    assert "server is running" in str(lost)
+    assert is_connection_lost(errors.AdminShutdown("terminating connection"), None)
+    assert not is_connection_lost(errors.UniqueViolation("dup"), None)
+    other = map_error(errors.SyntaxError("near x"), label)
+    assert type(other) is StorageError
+    assert label in str(other)
