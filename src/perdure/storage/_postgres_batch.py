@@ -389,10 +389,9 @@ class GroupCommitter:
                             batch,
                             StorageError(
                                 f"PostgreSQL store {self._label}: the connection died during "
-                                f"COMMIT ({one_line(lost.cause)}) and whether the writes were "
-                                "recorded "
-                                "cannot be told. Check that the server is running; on restart "
-                                "the runtime resumes from what was recorded."
+                                f"COMMIT ({one_line(lost.cause)}), and whether the writes were "
+                                "recorded cannot be told. Check that the server is running; on "
+                                "restart the runtime resumes from what was recorded."
                             ),
                         )
                         return
@@ -531,7 +530,9 @@ def _conflict(exc: BaseException, op: _Op, label: str) -> PerdureError:
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
     if future.done():
         return
-    if ok:
+    if isinstance(value, asyncio.CancelledError):
+        future.cancel()  # the batch's task was cancelled (the loop is closing)
+    elif ok:
         future.set_result(value)
     else:
         future.set_exception(value)
