@@ -10,7 +10,7 @@ file, for PostgreSQL the same schema, for memory it is handed the same
 :class:`perdure.storage.MemoryStore` object.
 
 An unreachable PostgreSQL fails the PostgreSQL tests, with a message saying
-what to do, unless ``PERDURE_SKIP_PG=1`` is set: then they are skipped.
+what to do. ``PERDURE_SKIP_PG=1`` skips them instead.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ _pg_unreachable: list[str | None] = []  # the reason, checked once per session
 
 
 def check_postgres() -> None:
-    """Fail (or with PERDURE_SKIP_PG=1, skip) the test if PostgreSQL is unreachable."""
+    """Skip the test with PERDURE_SKIP_PG=1; fail it if PostgreSQL is unreachable."""
+    if os.environ.get("PERDURE_SKIP_PG") == "1":
+        pytest.skip("PERDURE_SKIP_PG=1: the PostgreSQL tests are skipped")
     if not _pg_unreachable:
         try:
             import psycopg
@@ -45,15 +47,12 @@ def check_postgres() -> None:
         except Exception as exc:
             _pg_unreachable.append(f"{type(exc).__name__}: {exc}")
     reason = _pg_unreachable[0]
-    if reason is None:
-        return
-    if os.environ.get("PERDURE_SKIP_PG") == "1":
-        pytest.skip(f"PERDURE_SKIP_PG=1 and PostgreSQL at {PG_DSN} is unreachable")
-    pytest.fail(
-        f"PostgreSQL at {PG_DSN} is unreachable ({reason}). Start it (.ci/run does), point "
-        "PERDURE_PG_DSN at a server, or set PERDURE_SKIP_PG=1 to skip the PostgreSQL tests.",
-        pytrace=False,
-    )
+    if reason is not None:
+        pytest.fail(
+            f"PostgreSQL at {PG_DSN} is unreachable ({reason}). Start it (.ci/run does), point "
+            "PERDURE_PG_DSN at a server, or set PERDURE_SKIP_PG=1 to skip the PostgreSQL tests.",
+            pytrace=False,
+        )
 
 
 def postgres_url(schema: str | None = None) -> str:
