@@ -115,6 +115,15 @@ def test_url_options() -> None:
     assert label == "postgres://u:***@h:5/db?sslmode=disable&schema=s_1"
     assert parse_url("postgresql://h/db")[1] == "public"
     assert redact("postgresql://h/db") == "postgresql://h/db"
+    assert (
+        redact("postgresql://h/db?password=pw&schema=s")
+        == "postgresql://h/db?password=***&schema=s"
+    )
+    assert redact("host=h password='a b' dbname=d") == "host=h password=*** dbname=d"
+    assert redact("host=h password=pw") == "host=h password=***"
+    store = PostgresStore("host=h password=pw dbname=d", schema="s")
+    assert store.url == "host=h password=*** dbname=d"
+    assert store.schema == "s"
     for bad in ("Upper", "1st", "pg_x", "a-b", "x" * 64, ""):
         with pytest.raises(ConfigurationError, match="not a valid schema name"):
             open_store(f"postgresql://h/db?schema={bad}")

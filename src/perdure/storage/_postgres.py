@@ -179,7 +179,10 @@ def parse_url(url: str) -> tuple[str, str, str]:
 
 
 def redact(url: str) -> str:
-    """The URL with its password, if any, replaced by ``***``."""
+    """The URL (or key=value connection string) with its password replaced by ``***``."""
+    if "://" not in url:
+        return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)
+    url = re.sub(r"([?&]password=)[^&]*", r"\1***", url)
     parts = urlsplit(url)
     if parts.password is None:
         return url
