@@ -320,3 +320,11 @@ def test_driver_errors_map_to_perdure_errors() -> None:
     other = map_error(errors.SyntaxError("near x"), label)
     assert type(other) is StorageError
     assert label in str(other)
+
+
+async def test_a_server_older_than_13_is_refused(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(psycopg.ConnectionInfo, "server_version", property(lambda _: 120017))
+    with pytest.raises(ConfigurationError, match="PostgreSQL 12; Perdure needs 13 or newer"):
+        await open_store(pg_url).open()

@@ -134,6 +134,7 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _MIGRATION_LOCK = 0x70657264  # "perd": the advisory lock class for migrations
 _CONNECT_TIMEOUT_SECONDS = 10
+_MIN_SERVER_VERSION = 130000
 # A read whose connection died is repeated on another one; the pool drops
 # the dead ones first. More than once: after a restart, a pooled connection
 # handed out while the pool was being checked may be dead too.
@@ -347,6 +348,12 @@ class PostgresStore(Store):
         import psycopg
         from psycopg import sql
 
+        server = conn.info.server_version
+        if server < _MIN_SERVER_VERSION:
+            raise ConfigurationError(
+                f"PostgreSQL store {self.url}: the server runs PostgreSQL {server // 10000}; "
+                "Perdure needs 13 or newer (pg_current_xact_id, pg_xact_status)"
+            )
         try:
             await conn.execute("BEGIN")
             try:
