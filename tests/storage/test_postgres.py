@@ -328,3 +328,33 @@ async def test_a_server_older_than_13_is_refused(
     monkeypatch.setattr(psycopg.ConnectionInfo, "server_version", property(lambda _: 120017))
     with pytest.raises(ConfigurationError, match="PostgreSQL 12; Perdure needs 13 or newer"):
         await open_store(pg_url).open()
+
+
+async def test_a_commit_whose_reply_was_lost_is_found_committed_and_not_redone(
+    pg_store: PostgresStore, pg_url: str
+) -> None:
+    from psycopg import errors
+
+    rec = await created(pg_store)
+    committer = pg_store._writer()
+    conn: Any = committer._conn
+    assert conn is not None
+    execute = conn.execute
+    armed = [True]
+
+    async def commit_then_die(query: Any, *args: Any, **kwargs: Any) -> Any:
+        cur = await execute(query, *args, **kwargs)
+        if query == "COMMIT" and armed[0]:
+            # The COMMIT went through; the reply is what gets lost.
+            armed[0] = False
+            await asyncio.to_thread(terminate_store_connections, pg_url)
+            raise errors.AdminShutdown("terminating connection due to administrator command")
+        return cur
+
+    conn.execute = commit_then_die
+    await pg_store.commit(Write(entries=(entry(rec.id, 1, name="once"),)))
+    assert not armed[0]
+    assert pg_store.reconnects == 0  # decided by its transaction id, not written again
+    assert [e.name for e in await pg_store.read_journal(rec.id)] == ["wf", "once"]
+    await pg_store.commit(Write(entries=(entry(rec.id, 2, name="after"),)))
+    assert [e.name for e in await pg_store.read_journal(rec.id)] == ["wf", "once", "after"]
