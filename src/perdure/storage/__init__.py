@@ -87,7 +87,7 @@ def open_store(
             options[key] = value.lower()
         return SQLiteStore(path, exclusive=exclusive, before_commit=before_commit, **options)
     if scheme in {"postgres", "postgresql"}:
-        return PostgresStore.from_url(url, before_commit=before_commit)
+        return PostgresStore.from_url(url, exclusive=exclusive, before_commit=before_commit)
     raise ConfigurationError(
         f"store URL {url!r}: unknown scheme {parts.scheme!r}; use sqlite:///path.db, "
         "postgresql://host/db or memory://"

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-from .._errors import ConfigurationError, JournalDecodeError, StorageError
+from .._errors import ConfigurationError, JournalDecodeError, RuntimeLockedError, StorageError
 from ._base import BeforeCommit, Store
 from ._postgres_batch import (
     CHECKPOINT_COLUMNS,
@@ -133,6 +133,7 @@ _MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(_MIGRATIONS)
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _MIGRATION_LOCK = 0x70657264  # "perd": the advisory lock class for migrations
+_RUNTIME_LOCK = 0x7065726C  # "perl": the one a runtime holds on its schema
 _CONNECT_TIMEOUT_SECONDS = 10
 _MIN_SERVER_VERSION = 130000
 # A read whose connection died is repeated on another one; the pool drops
@@ -236,6 +237,7 @@ class PostgresStore(Store):
         *,
         schema: str = "public",
         pool_size: int = 4,
+        exclusive: bool = False,
         before_commit: BeforeCommit | None = None,
         label: str | None = None,
     ) -> None:
@@ -251,6 +253,7 @@ class PostgresStore(Store):
         self.url = label or redact(conninfo)
         self._conninfo = conninfo
         self._pool_size = pool_size
+        self.exclusive = exclusive
         self._before_commit = before_commit
         self._committer: GroupCommitter | None = None
         self._pool: Pool | None = None
@@ -272,10 +275,14 @@ class PostgresStore(Store):
             self._conn_kwargs["connect_timeout"] = _CONNECT_TIMEOUT_SECONDS
 
     @classmethod
-    def from_url(cls, url: str, *, before_commit: BeforeCommit | None = None) -> PostgresStore:
+    def from_url(
+        cls, url: str, *, exclusive: bool = False, before_commit: BeforeCommit | None = None
+    ) -> PostgresStore:
         _import_driver()
         conninfo, schema, label = parse_url(url)
-        return cls(conninfo, schema=schema, before_commit=before_commit, label=label)
+        return cls(
+            conninfo, schema=schema, exclusive=exclusive, before_commit=before_commit, label=label
+        )
 
     @property
     def reconnects(self) -> int:
@@ -290,7 +297,7 @@ class PostgresStore(Store):
         from psycopg_pool import AsyncConnectionPool
 
         loop = asyncio.get_running_loop()
-        conn = await self._connect()
+        conn = await self._connect_writer()
         try:
             await self._migrate(conn)
             pool: Pool = AsyncConnectionPool(
@@ -311,7 +318,7 @@ class PostgresStore(Store):
             await conn.close()
             raise
         self._pool = pool
-        self._committer = GroupCommitter(self._connect, loop, self.url, self._before_commit)
+        self._committer = GroupCommitter(self._connect_writer, loop, self.url, self._before_commit)
         self._committer.adopt(conn)
         self._closed = False
 
@@ -343,6 +350,50 @@ class PostgresStore(Store):
         except psycopg.Error as exc:
             raise self._cannot_connect(exc) from None
         return conn
+
+    async def _connect_writer(self) -> Connection:
+        """A new writer connection; with ``exclusive``, holding the schema's runtime lock."""
+        conn = await self._connect()
+        if self.exclusive:
+            try:
+                await self._take_lock(conn)
+            except BaseException:
+                await conn.close()
+                raise
+        return conn
+
+    async def _take_lock(self, conn: Connection) -> None:
+        # A session advisory lock: it goes with the connection, so a runtime
+        # whose process dies frees it at once, and a writer that reconnects
+        # takes it again (or learns that another runtime has it now).
+        import psycopg
+
+        try:
+            cur = await conn.execute(
+                "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (_RUNTIME_LOCK, self.schema)
+            )
+            row = await cur.fetchone()
+            if row is not None and row[0]:
+                return
+            cur = await conn.execute(
+                "SELECT a.pid, coalesce(a.client_addr::text, 'local'), a.application_name "
+                "FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                "WHERE l.locktype = 'advisory' AND l.classid = %s::int4::oid "
+                "AND l.objid = hashtext(%s)::oid AND l.objsubid = 2",
+                (_RUNTIME_LOCK, self.schema),
+            )
+            holder = await cur.fetchone()
+        except psycopg.Error as exc:
+            raise map_error(exc, self.url) from None
+        who = (
+            "unknown"
+            if holder is None
+            else f"server process {holder[0]}, client {holder[1]}, {holder[2] or 'no name'}"
+        )
+        raise RuntimeLockedError(
+            f"PostgreSQL store {self.url}: another Perdure runtime ({who}) is running on "
+            f"schema {self.schema}. Stop it first, or give each runtime its own schema."
+        )
 
     async def _migrate(self, conn: Connection) -> None:
         import psycopg

@@ -374,6 +374,15 @@ class GroupCommitter:
     # -- one batch ---------------------------------------------------------------
 
     async def _run(self, batch: list[_Op]) -> None:
+        try:
+            await self._run_once_or_twice(batch)
+        except BaseException as exc:
+            # Whatever happened, no caller is left waiting.
+            _fail(batch, map_error(exc, self._label) if isinstance(exc, Exception) else exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _run_once_or_twice(self, batch: list[_Op]) -> None:
         retried = False
         while True:
             try:
@@ -494,7 +503,7 @@ class GroupCommitter:
                 if status != "in progress" or self._loop.time() > deadline:
                     return None
                 await asyncio.sleep(0.02)
-        except (psycopg.Error, StorageError):
+        except (psycopg.Error, PerdureError):  # no connection, or another runtime's now
             return None
 
 
