@@ -17,7 +17,7 @@ import pytest
 import perdure
 from perdure import ConfigurationError, RuntimeLockedError, StorageError
 from perdure.storage import PostgresStore, Store, Write, open_store
-from perdure.storage._postgres import SCHEMA_VERSION, parse_url, redact
+from perdure.storage._postgres import SCHEMA_VERSION, drop_schema, parse_url, redact
 from perdure.testing import FakeClock
 
 from .test_conformance import created, entry, input_entry, invocation
@@ -383,8 +383,12 @@ async def test_a_second_runtime_on_the_same_schema_is_locked_out(pg_url: str) ->
         with pytest.raises(RuntimeLockedError):
             await perdure.Runtime(pg_url, workflows=[locked_wf], clock=FakeClock()).start()
     # Another schema is another store.
-    async with perdure.Runtime(postgres_url_in_schema(pg_url, "_other"), clock=FakeClock()):
-        pass
+    other = postgres_url_in_schema(pg_url, "_other")
+    try:
+        async with perdure.Runtime(other, clock=FakeClock()):
+            pass
+    finally:
+        drop_schema(other)
     async with perdure.Runtime(pg_url, workflows=[locked_wf], clock=FakeClock()) as third:
         assert await third.client.run(locked_wf, 3) == 3
         assert len(await third.client.list()) == 3
@@ -416,6 +420,3 @@ async def test_a_runtime_that_lost_its_lock_cannot_write(pg_url: str) -> None:
         await first.close()
         if other is not None:
             await other.close()
-        from perdure.storage._postgres import drop_schema
-
-        drop_schema(postgres_url_in_schema(pg_url, "_other"))
