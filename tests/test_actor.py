@@ -1,6 +1,6 @@
 """Actors: keyed state, one message at a time; durable ones survive restarts.
 
-Every test runs over both stores (``store_url``: memory and SQLite). A
+Every test runs over every store (``store_url``: memory, SQLite, PostgreSQL). A
 restart is a new runtime on the same data (``Backend``); an in-flight
 message is one blocked in a step (``Gate``) when the runtime stops.
 
@@ -337,6 +337,15 @@ async def test_plain_actor_writes_nothing_to_the_store(backend: Backend) -> None
                     assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
             assert conn.execute("SELECT count(*) FROM invocations").fetchone() == (0,)
             assert conn.execute("SELECT count(*) FROM checkpoints").fetchone() == (0,)
+    if backend.kind == "postgres":
+        import psycopg
+
+        from perdure.storage._postgres import parse_url
+
+        conninfo, schema, _ = parse_url(backend.url)
+        with psycopg.connect(conninfo) as pg:
+            for table in ("invocations", "journal", "checkpoints", "idempotent_results"):
+                assert pg.execute(f"SELECT count(*) FROM {schema}.{table}").fetchone() == (0,)
 
 
 async def test_plain_actor_errors_propagate_and_later_messages_proceed(

@@ -1,7 +1,8 @@
 """Crash tests of durable actors with real processes.
 
 A child process (tests/crash/actor_worker.py) sends a plan of deposits to a
-few durable ``Account`` actors on a SQLite store and SIGKILLs itself at one
+few durable ``Account`` actors on a SQLite store (or a PostgreSQL schema) and
+SIGKILLs itself at one
 durable point. A fresh process recovers (the runtime activates the actors
 with unfinished messages) and re-sends the whole plan with the same
 idempotency keys. Then:
@@ -28,6 +29,8 @@ from typing import Any
 
 import pytest
 
+from conftest import pg_query
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,9 +52,13 @@ def expected_summaries() -> dict[str, list[int]]:
     return {k: [sum(h), *h] for k, h in history.items()}
 
 
-def spawn(directory: Path, mode: str, *extra: str) -> subprocess.CompletedProcess[str]:
+def spawn(
+    directory: Path, mode: str, *extra: str, store: str | None = None
+) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-W", "error", str(WORKER), "--dir", str(directory)]
     cmd += ["--mode", mode, "--n", str(N), *extra]
+    if store is not None:
+        cmd += ["--store", store]
     try:
         return subprocess.run(
             cmd, cwd=ROOT, capture_output=True, text=True, timeout=PROCESS_TIMEOUT, check=False
@@ -71,16 +78,19 @@ def query(path: Path, sql: str) -> list[tuple[Any, ...]]:
         return conn.execute(sql).fetchall()
 
 
-def snapshot(directory: Path) -> dict[str, Any]:
+def snapshot(directory: Path, store: str | None = None) -> dict[str, Any]:
     db = directory / "journal.db"
-    messages = query(
-        db,
+
+    def journal(sql: str) -> list[tuple[Any, ...]]:
+        return query(db, sql) if store is None else pg_query(store, sql)
+
+    messages = journal(
         "SELECT id, idempotency_key, actor_key, actor_seq, status, target FROM invocations "
         "WHERE actor_type = 'Account' ORDER BY actor_key, actor_seq",
     )
     steps = {
         f"{inv}:{idx}"
-        for inv, idx in query(db, "SELECT invocation_id, idx FROM journal WHERE kind = 'step'")
+        for inv, idx in journal("SELECT invocation_id, idx FROM journal WHERE kind = 'step'")
     }
     calls = [k for (k,) in query(directory / "bank.db", "SELECT step_key FROM calls ORDER BY seq")]
     effects = {
@@ -117,16 +127,25 @@ CRASHES = [
 
 @pytest.mark.parametrize(("point", "every"), CRASHES)
 def test_actor_sigkill_then_recover(
-    tmp_path: Path, reference: dict[str, Any], point: str, every: str
+    tmp_path: Path, reference: dict[str, Any], point: str, every: str, journal_store: str | None
 ) -> None:
+    store = journal_store
     # 1. run until the worker kills itself
     crashed = spawn(
-        tmp_path, "crash", "--point", point, "--message", TARGET, "--checkpoint-every", every
+        tmp_path,
+        "crash",
+        "--point",
+        point,
+        "--message",
+        TARGET,
+        "--checkpoint-every",
+        every,
+        store=store,
     )
     assert crashed.returncode == -signal.SIGKILL, describe(crashed)
     marker = json.loads((tmp_path / "crash.json").read_text())
     assert marker["point"] == point
-    before = snapshot(tmp_path)
+    before = snapshot(tmp_path, store)
     unfinished_before = [m for m in before["messages"] if m[4] != "completed"]
     if point in ("before_step", "after_step"):
         (target,) = [m for m in before["messages"] if m[1] == TARGET]
@@ -139,10 +158,10 @@ def test_actor_sigkill_then_recover(
         assert target[4] == "completed"
 
     # 2. a fresh process recovers and re-sends the plan with the same keys
-    recovered = spawn(tmp_path, "recover", "--checkpoint-every", every)
+    recovered = spawn(tmp_path, "recover", "--checkpoint-every", every, store=store)
     assert recovered.returncode == 0, describe(recovered)
     data = json.loads((tmp_path / "results-recover.json").read_text())
-    after = snapshot(tmp_path)
+    after = snapshot(tmp_path, store)
 
     # balances and histories as in an uncrashed run
     assert data["summaries"] == reference["summaries"] == expected_summaries()

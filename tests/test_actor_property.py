@@ -26,9 +26,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import perdure
-from conftest import Gate, attach
+from conftest import Gate, attach, check_postgres, postgres_url
 from perdure import DurabilityFacet, InvocationFailedError, TerminalError, current_step
 from perdure.storage import MemoryStore
+from perdure.storage._postgres import drop_schema
 from perdure.testing import FakeClock
 
 KEYS = ("a", "b")
@@ -204,7 +205,7 @@ def cases(draw: st.DrawFn) -> tuple[list[Op], int, str, int]:
     return ops, crash_at, mode, every
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgres"])
 @settings(
     max_examples=int(os.environ.get("ACTOR_PROPERTY_EXAMPLES", "30")),
     deadline=None,
@@ -218,13 +219,20 @@ def test_recovered_actor_state_equals_uncrashed_state(
     ops, crash_at, mode, every = case
     WORLD = World()
     directory = tempfile.mkdtemp(prefix="perdure-actor-prop-")
+    store: Any = f"sqlite:///{directory}/x.db"
+    if kind == "memory":
+        store = MemoryStore()
+    elif kind == "postgres":
+        check_postgres()
+        store = postgres_url()  # a fresh schema for every example
     try:
-        store: Any = MemoryStore() if kind == "memory" else f"sqlite:///{directory}/x.db"
         replies, summaries, records = asyncio.run(
             scenario(store, CLASSES[every], ops, crash_at, mode)
         )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+        if kind == "postgres":
+            drop_schema(store)
     expected_replies, expected_summaries = model(ops)
     assert replies == expected_replies
     assert summaries == expected_summaries

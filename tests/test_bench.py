@@ -103,6 +103,30 @@ def test_sqlite_url_sets_mode_and_leaves_nothing_behind(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_postgres_url_uses_fresh_schemas_and_drops_them(pg_url: str, tmp_path: Path) -> None:
+    import psycopg
+
+    from perdure.storage._postgres import parse_url
+
+    out = tmp_path / "results.json"
+    result = CliRunner().invoke(bench, [*TINY, "--json", "--store", pg_url, "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    _check_figures(doc)
+    base = parse_url(pg_url)[1]
+    assert doc["config"]["store"] == pg_url
+    assert doc["config"]["store_url"].endswith(f"schema={base}_<measurement>")
+    assert doc["config"]["synchronous"] is None
+    assert doc["config"]["postgres_version"]
+    conninfo = parse_url(pg_url)[0]
+    with psycopg.connect(conninfo) as conn:
+        left = conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (base + "%",)
+        ).fetchall()
+    assert left == []  # every measurement's schema was dropped
+
+
+@pytest.mark.slow
 def test_table_on_memory_store(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     result = CliRunner().invoke(bench, [*TINY, "--store", "memory://", "--output", str(out)])
@@ -121,7 +145,13 @@ def test_table_on_memory_store(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["postgres://x/y", "sqlite:///x.db?journal=wal", "sqlite:////no/such/dir/x.db"]
+    "url",
+    [
+        "postgresql://postgres@127.0.0.1:1/test",  # nothing listens there
+        "postgres://h/db?schema=Not-A-Schema",
+        "sqlite:///x.db?journal=wal",
+        "sqlite:////no/such/dir/x.db",
+    ],
 )
 def test_bad_store_url_is_a_usage_error(tmp_path: Path, url: str) -> None:
     out = tmp_path / "r.json"

@@ -1,7 +1,8 @@
 """Crash tests with real processes.
 
 A child process (tests/crash/worker.py) runs a batch of payment workflows on a
-SQLite store and SIGKILLs itself at one durable point for one payment. The
+SQLite store (or a PostgreSQL schema) and SIGKILLs itself at one durable point
+for one payment. The
 test snapshots the committed state right after the kill, starts a fresh
 worker that recovers and re-submits the same payments with the same
 idempotency keys, and checks the outcome against the snapshot and against an
@@ -32,6 +33,8 @@ from typing import Any
 
 import pytest
 
+from conftest import pg_query
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +61,9 @@ class Exit:
         return f"exit code {self.returncode}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}"
 
 
-def spawn(directory: Path, mode: str, *extra: str) -> Exit:
+def spawn(directory: Path, mode: str, *extra: str, store: str | None = None) -> Exit:
+    if store is not None:
+        extra = (*extra, "--store", store)
     cmd = [
         sys.executable,
         "-W",
@@ -127,18 +132,28 @@ def _query(path: Path, sql: str) -> list[tuple[Any, ...]]:
         return conn.execute(sql).fetchall()
 
 
-def snapshot(directory: Path) -> Snapshot:
-    db = directory / "journal.db"
+def _query_store(directory: Path, store: str | None, sql: str) -> list[tuple[Any, ...]]:
+    if store is None:
+        return _query(directory / "journal.db", sql)
+    return pg_query(store, sql)
+
+
+def snapshot(directory: Path, store: str | None = None) -> Snapshot:
     journal: dict[str, list[tuple[int, str, str]]] = collections.defaultdict(list)
     steps: dict[Key, str] = {}
-    for inv, idx, kind, name in _query(
-        db, "SELECT invocation_id, idx, kind, name FROM journal ORDER BY invocation_id, idx"
+    for inv, idx, kind, name in _query_store(
+        directory,
+        store,
+        "SELECT invocation_id, idx, kind, name FROM journal ORDER BY invocation_id, idx",
     ):
         journal[inv].append((idx, kind, name))
         if kind == "step":
             steps[(inv, idx)] = name
     invocations = {
-        i: (k, s) for i, k, s in _query(db, "SELECT id, idempotency_key, status FROM invocations")
+        i: (k, s)
+        for i, k, s in _query_store(
+            directory, store, "SELECT id, idempotency_key, status FROM invocations"
+        )
     }
     provider = directory / "provider.db"
     calls = [
@@ -203,9 +218,9 @@ class Run:
         }
 
 
-def load_run(directory: Path, mode: str) -> Run:
+def load_run(directory: Path, mode: str, store: str | None = None) -> Run:
     data = json.loads((directory / f"results-{mode}.json").read_text())
-    return Run(data["results"], data["stats"], snapshot(directory))
+    return Run(data["results"], data["stats"], snapshot(directory, store))
 
 
 @pytest.fixture(scope="module")
@@ -235,16 +250,21 @@ CRASH_POINTS = [
 
 
 @pytest.mark.parametrize(("point", "step"), CRASH_POINTS)
-def test_sigkill_then_recover(tmp_path: Path, reference: Run, point: str, step: str) -> None:
+def test_sigkill_then_recover(
+    tmp_path: Path, reference: Run, point: str, step: str, journal_store: str | None
+) -> None:
+    store = journal_store
     # 1. run until the worker kills itself at the chosen point
-    crashed = spawn(tmp_path, "crash", "--point", point, "--payment", TARGET, "--step", step)
+    crashed = spawn(
+        tmp_path, "crash", "--point", point, "--payment", TARGET, "--step", step, store=store
+    )
     assert crashed.returncode == -signal.SIGKILL, crashed.describe()
     marker = json.loads((tmp_path / "crash.json").read_text())
     assert marker["point"] == point
     assert marker["pid"] == crashed.pid  # it was this child, at this point
 
     # 2. what had committed when it died
-    before = snapshot(tmp_path)
+    before = snapshot(tmp_path, store)
     check_consistent(before)
     crash_events = read_events(tmp_path, "crash")
     seen_committed = {(e["inv"], e["idx"]) for e in crash_events if e["event"] == "committed"}
@@ -254,9 +274,9 @@ def test_sigkill_then_recover(tmp_path: Path, reference: Run, point: str, step: 
     check_crash_point(point, marker, before, crash_events)
 
     # 3. a fresh process recovers and re-submits everything
-    recovered = spawn(tmp_path, "recover")
+    recovered = spawn(tmp_path, "recover", store=store)
     assert recovered.returncode == 0, recovered.describe()
-    run = load_run(tmp_path, "recover")
+    run = load_run(tmp_path, "recover", store)
     after = run.final
     check_consistent(after)
 

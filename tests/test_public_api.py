@@ -70,6 +70,7 @@ STORAGE_ALL = [
     "JournalEntry",
     "Lease",
     "MemoryStore",
+    "PostgresStore",
     "PromiseRecord",
     "Resolution",
     "SQLiteStore",

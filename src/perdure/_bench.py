@@ -45,7 +45,7 @@ from ._demo.payments import (
     build_payment_workflow,
     validate,
 )
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, StorageError
 from ._hooks import Hooks
 from ._runtime import Runtime
 from ._workflow import Workflow, workflow
@@ -153,11 +153,15 @@ class StoreFactory:
     SQLite files go into a new temporary directory (inside the directory of
     the ``--store`` URL's file when one is given, so that the file system is
     the one asked for); every file is deleted once its measurement is done.
+    On PostgreSQL every measurement gets its own schema, named after the
+    URL's ``schema`` option, which is dropped once the measurement is done.
     """
 
     def __init__(self, url: str | None) -> None:
         self.requested = url
         self.memory = False
+        self.postgres: str | None = None  # the URL, for PostgreSQL
+        self.server_version: str | None = None
         self.synchronous: str | None = "full"
         parent: str | None = None
         if url is not None:
@@ -169,6 +173,15 @@ class StoreFactory:
             if parts.scheme.lower() == "memory":
                 self.memory = True
                 self.synchronous = None
+            elif parts.scheme.lower() in {"postgres", "postgresql"}:
+                from .storage._postgres import server_version
+
+                try:
+                    self.server_version = server_version(url)
+                except StorageError as exc:
+                    raise click.BadParameter(str(exc), param_hint="--store") from None
+                self.postgres = url
+                self.synchronous = None
             else:
                 path = parts.path[1:] if parts.path.startswith("/") else parts.path
                 parent = os.path.dirname(os.path.abspath(path))
@@ -179,7 +192,7 @@ class StoreFactory:
                 options = dict(parse_qsl(parts.query))
                 self.synchronous = options.get("synchronous", "full").lower()
         self._dir: str | None = None
-        if not self.memory:
+        if not self.memory and self.postgres is None:
             self._dir = tempfile.mkdtemp(prefix="perdure-bench-", dir=parent)
         self._count = 0
 
@@ -188,13 +201,44 @@ class StoreFactory:
         return self._dir
 
     @property
+    def label(self) -> str | None:
+        """The ``--store`` URL as reported (without a password)."""
+        if self.postgres is not None:
+            from .storage._postgres import redact
+
+            return redact(self.postgres)
+        return self.requested
+
+    @property
     def pattern(self) -> str:
         if self.memory:
             return "memory://"
+        if self.postgres is not None:
+            from .storage._postgres import redact
+
+            return redact(self._schema_url("MEASUREMENT")).replace("MEASUREMENT", "<measurement>")
         return f"sqlite:///{self._dir}/<measurement>.db?synchronous={self.synchronous}"
+
+    def _schema_url(self, label: str) -> str:
+        from .storage._postgres import parse_url, with_schema
+
+        assert self.postgres is not None
+        base = parse_url(self.postgres)[1]
+        return with_schema(self.postgres, f"{base}_{label}"[:63])
 
     @contextmanager
     def fresh(self, label: str) -> Iterator[str]:
+        if self.postgres is not None:
+            from .storage._postgres import drop_schema
+
+            self._count += 1
+            url = self._schema_url(f"{self._count:03d}_{label.replace('-', '_')}")
+            drop_schema(url)  # left over from an interrupted run
+            try:
+                yield url
+            finally:
+                drop_schema(url)
+            return
         if self.memory or self._dir is None:
             yield "memory://"
             return
@@ -470,7 +514,13 @@ class BenchLedgerNever(_LedgerActor):
 
 
 def _populate_url(url: str) -> str:
-    """The same SQLite file with ``synchronous=off``: to write a long history fast."""
+    """The same store without waiting for fsyncs: to write a long history fast.
+
+    SQLite: the same file with ``synchronous=off``; PostgreSQL: the same
+    schema with ``synchronous_commit=off`` for this connection.
+    """
+    if url.startswith("postgres"):
+        return url + "&options=-c%20synchronous_commit%3Doff"
     if not url.startswith("sqlite:"):
         return url
     return url.split("?", 1)[0] + "?synchronous=off"
@@ -964,7 +1014,9 @@ def print_table(figures: dict[str, Any], config: dict[str, Any], output: str) ->
     load = config.get("load_average_at_start")
     console.print(
         f"python {config['python']}, {config['cpu_count']} CPUs, "
-        f"SQLite {config['sqlite_version']}, load average at start {load}, "
+        f"SQLite {config['sqlite_version']}"
+        + (f", PostgreSQL {config['postgres_version']}" if config.get("postgres_version") else "")
+        + f", load average at start {load}, "
         f"{config['seconds']:.0f} s; written to {output}"
     )
 
@@ -983,7 +1035,7 @@ def describe_config(
     from . import __version__
 
     return {
-        "store": stores.requested or "sqlite (temporary file, synchronous=full)",
+        "store": stores.label or "sqlite (temporary file, synchronous=full)",
         "store_url": stores.pattern,
         "store_dir": stores.directory,
         "synchronous": stores.synchronous,
@@ -997,6 +1049,7 @@ def describe_config(
         "load_average_at_start": _load_average(),
         "perdure": __version__,
         "sqlite_version": sqlite3.sqlite_version,
+        "postgres_version": stores.server_version,
         "msgspec": msgspec.__version__,
         "steps_per_workflow": STEPS_PER_WORKFLOW,
         "steps_concurrency": STEPS_CONCURRENCY,
@@ -1029,9 +1082,10 @@ def describe_config(
     "store_url",
     metavar="URL",
     default=None,
-    help="Store to measure, e.g. memory:// or 'sqlite:///x.db?synchronous=normal' (fresh "
-    "files go into a temporary directory next to x.db). Default: a temporary SQLite "
-    "file, synchronous=full.",
+    help="Store to measure, e.g. memory://, 'sqlite:///x.db?synchronous=normal' (fresh "
+    "files go into a temporary directory next to x.db) or "
+    "'postgresql://host/db?schema=bench' (fresh schemas bench_<measurement>, dropped "
+    "after). Default: a temporary SQLite file, synchronous=full.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option(

@@ -176,7 +176,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         crash = Crash(directory, args.point, args.message, args.min_batch)
     BANK = Bank(str(directory / "bank.db"))
     account = make_account(args.checkpoint_every)
-    url = f"sqlite:///{directory / 'journal.db'}"
+    url = args.store or f"sqlite:///{directory / 'journal.db'}"
     messages = plan(args.n)
     try:
         async with Runtime(url, actors=[account], hooks=make_hooks(crash)) as rt:
@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--point", choices=POINTS)
     parser.add_argument("--message", default="dep-013")
     parser.add_argument("--min-batch", type=int, default=3)
+    parser.add_argument("--store", help="the journal's store URL (default: journal.db in --dir)")
     parser.add_argument("--checkpoint-every", type=int, default=3)
     args = parser.parse_args(argv)
     if args.mode == "crash" and args.point is None:

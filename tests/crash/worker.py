@@ -1,6 +1,7 @@
 """The child process of the crash tests (tests/test_crash.py).
 
-It runs a batch of payment workflows on a SQLite store and, in ``crash``
+It runs a batch of payment workflows on a SQLite store (or the one ``--store``
+names, e.g. a PostgreSQL schema) and, in ``crash``
 mode, SIGKILLs itself at a chosen point for a chosen payment; in
 ``recover`` mode it opens the same store (the runtime resumes what was
 unfinished), re-submits the same payments with the same idempotency keys,
@@ -174,7 +175,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if crash is not None and crash.point == "after_charge":
         wired = KillingProvider(provider, crash)
     wf = build_payment_workflow(wired, ledger)
-    url = f"sqlite:///{directory / 'journal.db'}"
+    url = args.store or f"sqlite:///{directory / 'journal.db'}"
     results: dict[str, Any] = {}
     try:
         async with Runtime(url, workflows=[wf], hooks=make_hooks(log, crash)) as rt:
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--payment", default="p-017")
     parser.add_argument("--step", default="charge")
     parser.add_argument("--min-batch", type=int, default=3)
+    parser.add_argument("--store", help="the journal's store URL (default: journal.db in --dir)")
     args = parser.parse_args(argv)
     if args.mode == "crash" and args.point is None:
         parser.error("--mode crash needs --point")

@@ -5,6 +5,10 @@ Open a store from a URL with :func:`open_store`:
 - ``memory://`` — in memory, for tests;
 - ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db`` — one file.
   Query options: ``synchronous=full|normal|off`` (default ``full``).
+- ``postgresql://user:password@host:port/db?schema=NAME`` (or ``postgres://``)
+  — a PostgreSQL database, every table in the schema ``NAME`` (default
+  ``public``; created if missing). Other query options go to libpq. Needs
+  ``pip install 'perdure[postgres]'``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from .._errors import ConfigurationError
 from ._base import BeforeCommit as BeforeCommit
 from ._base import Store as Store
 from ._memory import MemoryStore as MemoryStore
+from ._postgres import PostgresStore as PostgresStore
 from ._records import UNFINISHED as UNFINISHED
 from ._records import Attempt as Attempt
 from ._records import CancelRequest as CancelRequest
@@ -48,6 +53,7 @@ __all__ = [
     "JournalEntry",
     "Lease",
     "MemoryStore",
+    "PostgresStore",
     "PromiseRecord",
     "Resolution",
     "SQLiteStore",
@@ -95,10 +101,8 @@ def open_store(
             options[key] = value.lower()
         return SQLiteStore(path, exclusive=exclusive, before_commit=before_commit, **options)
     if scheme in {"postgres", "postgresql"}:
-        raise ConfigurationError(
-            f"store URL {url!r}: the PostgreSQL backend is not available in this version; "
-            "use sqlite:///path.db"
-        )
+        return PostgresStore.from_url(url, exclusive=exclusive, before_commit=before_commit)
     raise ConfigurationError(
-        f"store URL {url!r}: unknown scheme {parts.scheme!r}; use sqlite:///path.db or memory://"
+        f"store URL {url!r}: unknown scheme {parts.scheme!r}; use sqlite:///path.db, "
+        "postgresql://host/db or memory://"
     )
