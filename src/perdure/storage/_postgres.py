@@ -390,9 +390,15 @@ class PostgresStore(Store):
             if holder is None
             else f"server process {holder[0]}, client {holder[1]}, {holder[2] or 'no name'}"
         )
+        gone = (
+            ""
+            if holder is None
+            else " If that runtime's machine is gone and the server has not noticed yet, end "
+            f"its session: SELECT pg_terminate_backend({holder[0]})."
+        )
         raise RuntimeLockedError(
             f"PostgreSQL store {self.url}: another Perdure runtime ({who}) is running on "
-            f"schema {self.schema}. Stop it first, or give each runtime its own schema."
+            f"schema {self.schema}. Stop it first, or give each runtime its own schema.{gone}"
         )
 
     async def _migrate(self, conn: Connection) -> None:
