@@ -379,6 +379,7 @@ async def test_a_second_runtime_on_the_same_schema_is_locked_out(pg_url: str) ->
         with pytest.raises(RuntimeLockedError, match="another Perdure runtime") as info:
             await second.start()
         assert parse_url(pg_url)[1] in str(info.value)
+        assert "pg_terminate_backend(" in str(info.value)
         await second.stop()
         assert await first.client.run(locked_wf, 1) == 1
         # The writer reconnects after its connection died, and takes the lock again.

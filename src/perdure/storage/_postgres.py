@@ -184,6 +184,7 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _MIGRATION_LOCK = 0x70657264  # "perd": the advisory lock class for migrations
 _RUNTIME_LOCK = 0x7065726C  # "perl": the one a runtime holds on its schema
+_LOCK_WAIT_SECONDS = 1.0
 _CONNECT_TIMEOUT_SECONDS = 10
 _MIN_SERVER_VERSION = 130000
 # A read whose connection died is repeated on another one; the pool drops
@@ -385,7 +386,7 @@ class PostgresStore(Store):
             await asyncio.gather(self._listener, return_exceptions=True)
             self._listener = None
         if self._committer is not None:
-            await self._committer.close()
+            await self._committer.close(self._release_lock if self.exclusive else None)
             self._committer = None
         if self._pool is not None:
             await self._pool.close()
@@ -427,12 +428,19 @@ class PostgresStore(Store):
         import psycopg
 
         try:
-            cur = await conn.execute(
-                "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (_RUNTIME_LOCK, self.schema)
-            )
-            row = await cur.fetchone()
-            if row is not None and row[0]:
-                return
+            # The session of a runtime that just stopped or died may take a
+            # moment to end on the server: try for a little while.
+            deadline = asyncio.get_running_loop().time() + _LOCK_WAIT_SECONDS
+            while True:
+                cur = await conn.execute(
+                    "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (_RUNTIME_LOCK, self.schema)
+                )
+                row = await cur.fetchone()
+                if row is not None and row[0]:
+                    return
+                if asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.05)
             cur = await conn.execute(
                 "SELECT a.pid, coalesce(a.client_addr::text, 'local'), a.application_name "
                 "FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
@@ -448,10 +456,28 @@ class PostgresStore(Store):
             if holder is None
             else f"server process {holder[0]}, client {holder[1]}, {holder[2] or 'no name'}"
         )
+        gone = (
+            ""
+            if holder is None
+            else " If that runtime's machine is gone and the server has not noticed yet, end "
+            f"its session: SELECT pg_terminate_backend({holder[0]})."
+        )
         raise RuntimeLockedError(
             f"PostgreSQL store {self.url}: another Perdure runtime ({who}) is running on "
-            f"schema {self.schema}. Stop it first, or give each runtime its own schema."
+            f"schema {self.schema}. Stop it first, or give each runtime its own schema.{gone}"
         )
+
+    async def _release_lock(self, conn: Connection) -> None:
+        # Closing the connection frees the lock too, but only once the server
+        # has ended the session, which a runtime opened right after may beat.
+        import psycopg
+
+        try:
+            await conn.execute(
+                "SELECT pg_advisory_unlock(%s, hashtext(%s))", (_RUNTIME_LOCK, self.schema)
+            )
+        except psycopg.Error:
+            pass  # the connection is going away anyway
 
     async def _migrate(self, conn: Connection) -> None:
         import psycopg

@@ -393,16 +393,21 @@ class GroupCommitter:
         elif self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
-    async def close(self) -> None:
-        """Commit what is queued, then close the writer connection."""
+    async def close(self, last: Callable[[Connection], Awaitable[None]] | None = None) -> None:
+        """Commit what is queued, run ``last`` on the connection, then close it."""
         if self._pending or self._task is not None or self._flush_scheduled:
             self._drained = self._loop.create_future()
             if self._task is None and not self._flush_scheduled:
                 self._flush()
             await self._drained
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if last is not None and not conn.closed and not conn.broken:
+                await last(conn)
+        finally:
+            await conn.close()
 
     # -- one batch ---------------------------------------------------------------
 
