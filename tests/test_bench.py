@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
+import perdure
 from perdure._bench import bench, median_of
+from perdure.testing import FakeClock
 
 # --timer-window (internal): the timer row's wake-ups over 0.2 s instead of 1 s.
 TINY = ["--quick", "--scale", "0.02", "--runs", "1", "--timer-window", "0.2"]
@@ -168,3 +172,25 @@ def test_median_of_skips_runs_that_did_not_measure_a_figure() -> None:
         {"a": 2.0, "b": 7.0},
     ]
     assert median_of(runs) == {"a": 2.0, "timers": {"timers": 10, "parked": 10}, "b": 6.0}
+
+
+@perdure.workflow
+async def _sleeps_an_hour(ctx: perdure.Context) -> None:
+    await ctx.sleep(timedelta(hours=1))
+
+
+async def test_a_caller_that_stops_waiting_for_a_parked_workflow_leaves_nothing_behind() -> None:
+    """The premise of suspended_workflow_bytes: a parked invocation holds no memory
+    in the runtime, also after callers polled for its result and gave up."""
+    clock = FakeClock(autojump=False)
+    async with perdure.Runtime("memory://", workflows=[_sleeps_an_hour], clock=clock) as rt:
+        handle = await rt.client.start(_sleeps_an_hour)
+        while rt.stats.invocations_parked < 1:
+            await asyncio.sleep(0.002)
+        with pytest.raises(TimeoutError):
+            await handle.result(timeout=0.2)  # polls the store a few times, then gives up
+        assert rt.running(handle.id) is None
+        assert rt._finish_waiters == {}
+        assert rt._tasks == {}
+        assert rt._contexts == {}
+        assert not rt._notified

@@ -205,7 +205,7 @@ class InvocationHandle(Generic[R]):
             except TimeoutError:
                 pass
             finally:
-                waiter.cancel()
+                self._rt.drop_finish_waiter(self.id, waiter)
             delay = min(delay * 2, 1.0)
         journal = await store.read_journal(self.id)
         output = journal[-1] if journal and journal[-1].kind is EntryKind.OUTPUT else None

@@ -582,6 +582,20 @@ class Runtime:
         self._finish_waiters.setdefault(invocation_id, []).append(waiter)
         return waiter
 
+    def drop_finish_waiter(self, invocation_id: str, waiter: asyncio.Future[None]) -> None:
+        """Forget a waiter whose caller stopped waiting (a poll's timeout, a
+        cancellation): kept, it would stay until the invocation finishes."""
+        waiter.cancel()
+        waiters = self._finish_waiters.get(invocation_id)
+        if waiters is None:
+            return
+        try:
+            waiters.remove(waiter)
+        except ValueError:
+            pass
+        if not waiters:
+            del self._finish_waiters[invocation_id]
+
     def _wake_finish_waiters(self, invocation_id: str) -> None:
         for waiter in self._finish_waiters.pop(invocation_id, ()):
             if not waiter.done():
