@@ -5,7 +5,9 @@ Every measurement gets its own fresh store file and its own :class:`Runtime`
 :func:`time.perf_counter`. The payment provider and ledger live in memory
 (:class:`MemoryProvider`, :class:`MemoryLedger`), so the figures measure
 Perdure: journaling, group commit, the event loop and the thread hops, not a
-fake provider's own I/O. Each figure is the median of ``--runs`` runs.
+fake provider's own I/O. Each figure is the median of ``--runs`` runs, except
+those measured in the first run only (see :class:`Sizes`): the suspended-workflow
+row always, the timer row with ``--quick``.
 
 The workloads are importable (``bench/profile.py`` profiles them).
 """
