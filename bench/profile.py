@@ -9,6 +9,8 @@
     .venv/bin/python bench/profile.py plain-actors        # plain actor asks and the Queue baseline
     .venv/bin/python bench/profile.py recovery            # rebuild a 10,050-message actor
     .venv/bin/python bench/profile.py recovery --checkpoints   # the same, checkpoint_every=100
+    .venv/bin/python bench/profile.py timers              # 10,000 parked sleeps due within 1 s
+    .venv/bin/python bench/profile.py fanout              # a parent gathering 1,000 children, 3x
 
 The workloads are the ones ``perdure bench`` times (imported from
 ``perdure._bench``), on a fresh temporary SQLite file (synchronous=full)
@@ -51,12 +53,16 @@ from perdure._bench import (  # noqa: E402
     ACTOR_KEYS,
     STEPS_PER_WORKFLOW,
     StoreFactory,
+    TimerRun,
     actor_recovery,
     concurrent_payments,
     concurrent_steps,
     durable_actor_messages,
+    fanout,
+    percentile,
     plain_actor_vs_queue,
     sequential_steps,
+    timer_lateness,
 )
 
 
@@ -263,6 +269,38 @@ def workload(args: argparse.Namespace) -> tuple[str, Workload, Callable[[Any], s
         )
         return title, recovery, recovery_summary
 
+    if args.workload == "timers":
+        timers = args.count or 10_000
+
+        def timer_row(url: str) -> Coroutine[Any, Any, TimerRun]:
+            return timer_lateness(url, timers=timers, window=1.0)
+
+        def timers_summary(run: Any) -> str:
+            late = run.lateness
+            return (
+                f"{len(late)} timers: lateness p50 {percentile(late, 50) * 1e3:.1f} ms, "
+                f"p99 {percentile(late, 99) * 1e3:.1f} ms; {run.resumed_after_due} resumed "
+                "after their due time"
+            )
+
+        title = (
+            f"{timers} parked durable sleeps due over 1 s (the profile includes starting and "
+            "parking them, and waiting for the window: read the share of resume/_execute/_wait)"
+        )
+        return title, timer_row, timers_summary
+
+    if args.workload == "fanout":
+        children = args.count or 1000
+
+        def fanout_row(url: str) -> Coroutine[Any, Any, list[float]]:
+            return fanout(url, children=children, repeats=3)
+
+        def fanout_summary(times: Any) -> str:
+            return f"fan-out to {children} children: " + ", ".join(f"{t:.3f}" for t in times) + " s"
+
+        title = f"a parent that starts {children} one-step children and gathers them, 3 times"
+        return title, fanout_row, fanout_summary
+
     concurrency = args.concurrency or 1
     if concurrency > 1:
         per_worker = args.count or 2
@@ -303,7 +341,8 @@ def workload(args: argparse.Namespace) -> tuple[str, Workload, Callable[[Any], s
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument(
-        "workload", choices=["payments", "steps", "actors", "plain-actors", "recovery"]
+        "workload",
+        choices=["payments", "steps", "actors", "plain-actors", "recovery", "timers", "fanout"],
     )
     parser.add_argument(
         "--concurrency",
@@ -316,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=0,
         help="workflows per worker (payments: 100; steps: 20 sequential, 2 concurrent); "
-        "actors: messages per sender (actors: 40, plain-actors: 200); recovery: history",
+        "actors: messages per sender (actors: 40, plain-actors: 200); recovery: history; "
+        "timers: timers (10,000); fanout: children (1,000)",
     )
     parser.add_argument("--steps", type=int, default=STEPS_PER_WORKFLOW, help="steps per workflow")
     parser.add_argument("--sync", action="store_true", help="steps: a sync step function")

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from perdure._bench import bench
+import perdure
+from perdure._bench import bench, median_of
+from perdure.testing import FakeClock
 
-TINY = ["--quick", "--scale", "0.02", "--runs", "1"]
+# --timer-window (internal): the timer row's wake-ups over 0.2 s instead of 1 s.
+TINY = ["--quick", "--scale", "0.02", "--runs", "1", "--timer-window", "0.2"]
 
 FLAT_METRICS = [
     "workflow_latency_p50_ms",
@@ -31,6 +36,10 @@ FLAT_METRICS = [
     "plain_actor_us",
     "queue_actor_us",
     "plain_actor_over_queue",
+    "timer_lateness_p50_ms",
+    "timer_lateness_p99_ms",
+    "timer_lateness_max_ms",
+    "fanout_1000_seconds",
 ]
 
 
@@ -46,6 +55,18 @@ def _positive(value: Any) -> bool:
 def _check_figures(doc: dict[str, Any]) -> None:
     for key in FLAT_METRICS:
         assert _positive(doc[key]), f"{key} = {doc[key]!r}"
+    # A hundred sleepers (the tiny size) may leave the heap a little smaller, or
+    # the resident set within the same pages.
+    for key in ("suspended_workflow_bytes", "suspended_workflow_rss_bytes"):
+        assert isinstance(doc[key], float)
+        assert math.isfinite(doc[key])
+    timers = doc["timers"]
+    assert timers["timers"] == timers["parked"] == timers["resumed"] > 0
+    assert 0 <= timers["resumed_after_due"] <= timers["timers"]
+    assert timers["parked_ahead_seconds"] > 0
+    assert timers["timer_lead_seconds"] == 1.0  # the runtime's default
+    suspended = doc["suspended"]
+    assert suspended["workflows"] == suspended["suspended_in_store"] > 0
     wps = doc["workflows_per_second"]
     assert set(wps) == {"1", "16", "64", "256"}
     for concurrency, value in wps.items():
@@ -60,6 +81,9 @@ def _check_figures(doc: dict[str, Any]) -> None:
         "checkpoint_1mb_ms",
         "actor_messages_per_second",
         "plain_actor_over_queue",
+        "timer_lateness_p99_ms",
+        "suspended_workflow_bytes",
+        "fanout_1000_seconds",
     }
     assert all(isinstance(t["met"], bool) for t in doc["targets"].values())
 
@@ -80,6 +104,13 @@ def test_json_on_default_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert config["store_url"].startswith("sqlite:///")
     assert config["actor_history_messages"] > config["sizes"]["actor_history"] > 0
     assert config["checkpoint_state_bytes"] > 900_000
+    sizes = config["sizes"]
+    assert sizes["timer_window"] == 0.2
+    assert sizes["timers"] == doc["timers"]["timers"]
+    assert sizes["suspended_workflows"] == doc["suspended"]["workflows"]
+    assert sizes["fanout_children"] == 20
+    # With --quick, timers and suspended workflows are measured in one run only.
+    assert sizes["timers_every_run"] is False
     # Always written to metrics/benchmark_results.json under the working directory.
     written = json.loads((tmp_path / "metrics" / "benchmark_results.json").read_text())
     assert written == doc
@@ -137,6 +168,9 @@ def test_table_on_memory_store(tmp_path: Path) -> None:
         "durable_over_plain",
         "actor_recovery_full_ms",
         "plain_actor_over_queue",
+        "timer_lateness_p99_ms",
+        "suspended_workflow_bytes",
+        "fanout_1000_seconds",
     ):
         assert row in result.stdout
     doc = json.loads(out.read_text())
@@ -159,3 +193,34 @@ def test_bad_store_url_is_a_usage_error(tmp_path: Path, url: str) -> None:
     assert result.exit_code == 2, result.output
     assert "--store" in result.output
     assert not out.exists()
+
+
+def test_median_of_skips_runs_that_did_not_measure_a_figure() -> None:
+    runs: list[dict[str, Any]] = [
+        {"a": 1.0, "timers": {"timers": 10, "parked": 10}, "b": 5.0},
+        {"a": 3.0},
+        {"a": 2.0, "b": 7.0},
+    ]
+    assert median_of(runs) == {"a": 2.0, "timers": {"timers": 10, "parked": 10}, "b": 6.0}
+
+
+@perdure.workflow
+async def _sleeps_an_hour(ctx: perdure.Context) -> None:
+    await ctx.sleep(timedelta(hours=1))
+
+
+async def test_a_caller_that_stops_waiting_for_a_parked_workflow_leaves_nothing_behind() -> None:
+    """The premise of suspended_workflow_bytes: a parked invocation holds no memory
+    in the runtime, also after callers polled for its result and gave up."""
+    clock = FakeClock(autojump=False)
+    async with perdure.Runtime("memory://", workflows=[_sleeps_an_hour], clock=clock) as rt:
+        handle = await rt.client.start(_sleeps_an_hour)
+        while rt.stats.invocations_parked < 1:
+            await asyncio.sleep(0.002)
+        with pytest.raises(TimeoutError):
+            await handle.result(timeout=0.2)  # polls the store a few times, then gives up
+        assert rt.running(handle.id) is None
+        assert rt._finish_waiters == {}
+        assert rt._tasks == {}
+        assert rt._contexts == {}
+        assert not rt._notified

@@ -709,12 +709,18 @@ class Runtime:
         return waiter
 
     def drop_finish_waiter(self, invocation_id: str, waiter: asyncio.Future[None]) -> None:
+        """Forget a waiter whose caller stopped waiting (a poll's timeout, a
+        cancellation): kept, it would stay until the invocation finishes."""
         waiter.cancel()
         waiters = self._finish_waiters.get(invocation_id)
-        if waiters is not None and waiter in waiters:
+        if waiters is None:
+            return
+        try:
             waiters.remove(waiter)
-            if not waiters:
-                del self._finish_waiters[invocation_id]
+        except ValueError:
+            pass
+        if not waiters:
+            del self._finish_waiters[invocation_id]
 
     def _wake_finish_waiters(self, invocation_id: str) -> None:
         for waiter in self._finish_waiters.pop(invocation_id, ()):
