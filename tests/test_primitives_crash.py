@@ -42,7 +42,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "crash" / "primitives_worker.py"
-SCENARIOS = ("sleep", "promise", "signal", "cancel", "fanout", "saga")
+SCENARIOS = ("sleep", "promise", "signal", "cancel", "fanout", "saga", "deadline")
 PROCESS_TIMEOUT = 60.0
 LATE = 2.0  # how late a timer may fire on a noisy machine
 
@@ -267,8 +267,8 @@ def due_and_woke(snap: Snapshot, inv: str) -> tuple[float, float]:
 
 
 def test_a_sleep_across_a_kill_wakes_on_time(tmp_path: Path, reference: dict[str, Any]) -> None:
-    # 2 s: longer than the 1 s timer lead, so each sleeper parks as a row
-    run_until_ready_then_kill(tmp_path, "sleep", "--seconds", "2")
+    # 2.5 s: longer than the 1 s timer lead, so each sleeper parks as a row
+    run_until_ready_then_kill(tmp_path, "sleep", "--seconds", "2.5")
     before = snapshot(tmp_path)
     all_parked(before)
     for inv, row in before.invocations.items():
@@ -277,7 +277,7 @@ def test_a_sleep_across_a_kill_wakes_on_time(tmp_path: Path, reference: dict[str
     # restarted at once: every timer is still ahead
     assert time.time() < min(r["wake_at"] for r in before.invocations.values())
 
-    code = run(tmp_path, "recover", "sleep", "--seconds", "2")
+    code = run(tmp_path, "recover", "sleep", "--seconds", "2.5")
     assert code == 0, describe(tmp_path, "recover", code)
     recovered = load(tmp_path, "recover")
     after = snapshot(tmp_path)
@@ -476,3 +476,42 @@ def test_a_kill_mid_compensation_resumes_it_without_refunding_twice(
     stats = recovered["stats"]
     assert stats["steps_replayed"] == len(expected)
     assert stats["steps_executed"] == 7 - len(expected)
+
+
+# -- a deadline that passes while no process runs --------------------------------------------
+
+
+def test_a_deadline_that_passed_while_down_cancels_the_parent_and_its_children_once(
+    tmp_path: Path, reference: dict[str, Any]
+) -> None:
+    run_until_ready_then_kill(tmp_path, "deadline")
+    before = snapshot(tmp_path)
+    all_parked(before)  # the parent and both children
+    parent = before.of("d0")
+    deadline = before.invocations[parent]["deadline"]
+    assert deadline is not None
+    children = [i for i, r in before.invocations.items() if r["parent_id"] == parent]
+    assert len(children) == 2
+    for row in before.invocations.values():
+        # the children inherit the deadline; each parks until it, not its hour-long timer
+        assert row["deadline"] == deadline
+        assert row["wake_at"] == pytest.approx(deadline)
+    time.sleep(max(0.0, deadline - time.time()) + 0.1)  # stay down past the deadline
+
+    code = run(tmp_path, "recover", "deadline")
+    assert code == 0, describe(tmp_path, "recover", code)
+    recovered = load(tmp_path, "recover")
+    after = snapshot(tmp_path)
+    check_recovery(before, after, recovered, reference["deadline"])
+    assert recovered["results"] == {"d0": {"cancelled": "timed out (its deadline passed)"}}
+    assert {after.invocations[i]["status"] for i in [parent, *children]} == {"cancelled"}
+    # every finally block ran once, after the deadline, not before
+    assert sorted(after.effects.values()) == ["d0.0:cleanup", "d0.1:cleanup", "d0:cleanup"]
+    for inv in [parent, *children]:
+        assert len(after.entries(inv, "cancel")) == 1
+        ((at,),) = query(
+            tmp_path / "journal.db",
+            "SELECT created_at FROM journal WHERE invocation_id = ? AND kind = 'cancel'",
+            (inv,),
+        )
+        assert deadline <= at < recovered["started_at"] + LATE  # at once after the restart

@@ -8,7 +8,9 @@ One scenario per run, on a SQLite store in ``--dir``:
 - ``cancel``: a workflow parks in an hour-long sleep inside a saga and a
   ``finally`` block, to be cancelled;
 - ``fanout``: a parent gathers ``FANOUT`` children;
-- ``saga``: a payment whose recording fails, so its saga refunds three charges.
+- ``saga``: a payment whose recording fails, so its saga refunds three charges;
+- ``deadline``: a parent started with a ``timeout`` gathers two children that
+  park in hour-long sleeps: all three park until the deadline they share.
 
 Modes:
 
@@ -48,6 +50,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +59,15 @@ from perdure import Runtime, Status, current_step
 from perdure.storage import EntryKind
 from perdure.testing import Hooks, StepInfo
 
-SCENARIOS = ("sleep", "promise", "signal", "cancel", "fanout", "saga")
+SCENARIOS = ("sleep", "promise", "signal", "cancel", "fanout", "saga", "deadline")
 NAPPERS = ("n0", "n1", "n2", "n3")
 APPROVALS = ("a0", "a1", "a2")
 COLLECTORS = ("c0", "c1")
 CANCELLABLE = ("x0",)
 FANOUT = 8
 SAGAS = ("s0",)
+DEADLINES = ("d0",)
+DEADLINE = timedelta(seconds=1.5)
 RESULT_TIMEOUT = 30.0
 READY_TIMEOUT = 20.0
 
@@ -215,7 +220,35 @@ async def saga_payment(ctx: perdure.Context, tag: str) -> str:
     return "unreachable"
 
 
-WORKFLOWS = [napper, approval, collector, cancellable, square, fan_out, saga_payment]
+@perdure.workflow
+async def sleepy_child(ctx: perdure.Context, tag: str) -> str:
+    try:
+        await ctx.sleep(3600)
+        return "woke"
+    finally:
+        await ctx.run("cleanup", effect, f"{tag}:cleanup")
+
+
+@perdure.workflow
+async def deadline_parent(ctx: perdure.Context, tag: str) -> list[str]:
+    try:
+        children = [ctx.start(sleepy_child, f"{tag}.{i}") for i in range(2)]
+        return await ctx.gather(*children)
+    finally:
+        await ctx.run("cleanup", effect, f"{tag}:cleanup")
+
+
+WORKFLOWS = [
+    napper,
+    approval,
+    collector,
+    cancellable,
+    square,
+    fan_out,
+    saga_payment,
+    sleepy_child,
+    deadline_parent,
+]
 
 
 # -- the scenarios -----------------------------------------------------------------------
@@ -238,6 +271,11 @@ async def start(rt: Runtime, scenario: str, seconds: float) -> Handles:
         return {"fan": await client.start(fan_out, FANOUT, idempotency_key="fan")}
     if scenario == "saga":
         return {t: await client.start(saga_payment, t, idempotency_key=t) for t in SAGAS}
+    if scenario == "deadline":
+        return {
+            t: await client.start(deadline_parent, t, idempotency_key=t, timeout=DEADLINE)
+            for t in DEADLINES
+        }
     raise AssertionError(scenario)
 
 
@@ -255,7 +293,10 @@ async def parked(rt: Runtime, handles: Handles, step: str | None = None) -> None
 
     async def check() -> bool:
         for h in handles.values():
-            if await h.status() is not Status.SUSPENDED:
+            try:
+                if await h.status() is not Status.SUSPENDED:
+                    return False
+            except perdure.NotFoundError:  # a child not created yet
                 return False
             if step is not None:
                 journal = await rt.store.read_journal(h.id)
@@ -272,6 +313,13 @@ async def ready(rt: Runtime, scenario: str, handles: Handles) -> dict[str, Any]:
         for i, h in enumerate(handles.values()):
             await h.signal("add", 10 + i)
         await parked(rt, handles, step="took")
+    elif scenario == "deadline":
+        children = {
+            f"{t}.{i}": perdure.InvocationHandle(rt, f"{h.id}:{i}", "sleepy_child")
+            for t, h in handles.items()
+            for i in (1, 2)
+        }
+        await parked(rt, {**handles, **children})
     else:
         await parked(rt, handles)
     info: dict[str, Any] = {"ids": {t: h.id for t, h in handles.items()}}
@@ -411,7 +459,13 @@ async def run_reference(args: argparse.Namespace) -> int:
     return 0
 
 
-EXTERNAL = ("sleep", "promise", "signal", "cancel")  # killed by the test, not by themselves
+EXTERNAL = (
+    "sleep",
+    "promise",
+    "signal",
+    "cancel",
+    "deadline",
+)  # killed by the test, not by themselves
 
 
 def main(argv: list[str] | None = None) -> int:
