@@ -188,6 +188,8 @@ class Runtime:
         self._contexts: dict[str, Context] = {}
         # Invocations woken while they ran here: if one parks, look at once.
         self._notified: set[str] = set()
+        # Cancellations that arrived before the invocation's context existed.
+        self._early_cancels: dict[str, str] = {}
         # Callers waiting for an invocation that is parked here to finish.
         self._finish_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._started = False
@@ -499,8 +501,14 @@ class Runtime:
             )
         )
         ctx = self._contexts.get(invocation_id)
-        if ctx is not None and ctx._cancel is None:
-            ctx._cancel = reason
+        if ctx is not None:
+            if ctx._cancel is None:
+                ctx._cancel = reason
+        else:
+            # Not running here yet, but it may be about to start from a record
+            # read before this request committed (the timer service resuming
+            # it): the context it gets takes the reason from here.
+            self._early_cancels.setdefault(invocation_id, reason)
         self.notify(invocation_id)
 
     async def cancel_children(self, child_ids: Sequence[str], reason: str) -> None:
@@ -790,6 +798,7 @@ class Runtime:
             if decoded is None:
                 decoded = self._decode_input(rec.id, wf, input_entry)
             args, kwargs = decoded
+            early_cancel = self._early_cancels.pop(rec.id, None)
             ctx = Context(
                 self,
                 rec.id,
@@ -799,7 +808,7 @@ class Runtime:
                 key=rec.actor_key,
                 live_guard=self._live_guard,
                 deadline=rec.deadline,
-                cancel_reason=rec.cancel_reason,
+                cancel_reason=rec.cancel_reason or early_cancel,
                 can_park=activation is None,
             )
             _current_context.set(ctx)
