@@ -365,6 +365,22 @@ async def outcomes(handles: Handles) -> dict[str, Any]:
     return dict(zip(handles, found, strict=True))
 
 
+async def finish(rt: Runtime, scenario: str, handles: Handles) -> dict[str, Any]:
+    """The outcomes of the scenario's invocations, once all of them finished."""
+    results = await outcomes(handles)
+    if scenario == "deadline":
+        # A cancelled parent does not wait for its children to wind down; this
+        # process does, before it stops. (Their reasons race: their own
+        # deadline or their parent's cancellation, so they are not compared.)
+        children = {
+            f"{t}.{i}": perdure.InvocationHandle(rt, f"{h.id}:{i}", "sleepy_child")
+            for t, h in handles.items()
+            for i in (1, 2)
+        }
+        await outcomes(children)
+    return results
+
+
 # -- the modes ---------------------------------------------------------------------------
 
 
@@ -432,7 +448,7 @@ async def run_recover(args: argparse.Namespace) -> int:
     started_at = time.time()
     async with runtime(args.dir) as rt:
         handles = await start(rt, args.scenario, args.seconds)
-        results = await outcomes(handles)
+        results = await finish(rt, args.scenario, handles)
         stats = dataclasses.asdict(rt.stats)
     out = {"results": results, "stats": stats, "started_at": started_at}
     write_json(args.dir / "results-recover.json", out)
@@ -450,7 +466,7 @@ async def run_reference(args: argparse.Namespace) -> int:
             info = await ready(rt, scenario, handles) if scenario in EXTERNAL else None
             if info is not None:
                 await outside(rt, scenario, info)
-            results = await outcomes(handles)
+            results = await finish(rt, scenario, handles)
             stats = dataclasses.asdict(rt.stats)
         effects.close()
         write_json(directory / "results-reference.json", {"results": results, "stats": stats})
