@@ -294,6 +294,38 @@ def test_a_sleep_across_a_kill_wakes_on_time(tmp_path: Path, reference: dict[str
     assert stats["steps_executed"] == len(after.invocations)  # "woke" each
 
 
+def test_a_sleeper_killed_after_it_was_resumed_ahead_of_time_wakes_on_time(
+    tmp_path: Path, reference: dict[str, Any]
+) -> None:
+    # A 3 s sleep under a 2 s timer lead: the timer service claims each parked
+    # sleeper 2 s early (running again, replayed up to its sleep) and it waits
+    # out the rest in memory. The kill comes then: no row says when to wake.
+    run_until_ready_then_kill(
+        tmp_path, "sleep", "--seconds", "3", "--ready-when", "resumed", "--timer-lead", "2"
+    )
+    before = snapshot(tmp_path)
+    assert before.invocations
+    dues = {}
+    for inv, row in before.invocations.items():
+        assert (row["status"], row["wake_at"]) == ("running", None)
+        assert not before.entries(inv, "step", "woke")
+        ((_, _, _, _, due),) = before.entries(inv, "timer")
+        dues[inv] = due
+    assert time.time() < min(dues.values())  # killed before any was due
+
+    code = run(tmp_path, "recover", "sleep", "--seconds", "3")
+    assert code == 0, describe(tmp_path, "recover", code)
+    recovered = load(tmp_path, "recover")
+    after = snapshot(tmp_path)
+    check_recovery(before, after, recovered, reference["sleep"])
+    for inv in after.invocations:
+        due, woke = due_and_woke(after, inv)
+        assert due == dues[inv]
+        assert due <= woke < due + LATE, (inv, woke - due)
+    # running at the kill, so resumed at start (and parked again if due after the lead)
+    assert recovered["stats"]["invocations_recovered"] == len(after.invocations)
+
+
 def test_timers_that_came_due_while_down_fire_at_once(
     tmp_path: Path, reference: dict[str, Any]
 ) -> None:

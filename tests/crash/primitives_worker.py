@@ -307,6 +307,18 @@ async def parked(rt: Runtime, handles: Handles, step: str | None = None) -> None
     await until(check, "every invocation parked")
 
 
+async def resumed(rt: Runtime, handles: Handles) -> None:
+    async def check() -> bool:
+        if rt.stats.invocations_resumed < len(handles):
+            return False
+        for h in handles.values():
+            if await h.status() is not Status.RUNNING:
+                return False
+        return True
+
+    await until(check, "every sleeper resumed by the timer service")
+
+
 async def ready(rt: Runtime, scenario: str, handles: Handles) -> dict[str, Any]:
     """Wait until the scenario is where the test kills it; what the outside needs."""
     if scenario == "signal":
@@ -401,10 +413,20 @@ def make_hooks() -> Hooks:
     return Hooks(after_step=after_step)
 
 
-def runtime(directory: Path, *, recover: bool = True, workflows: bool = True) -> Runtime:
+def runtime(
+    directory: Path,
+    *,
+    recover: bool = True,
+    workflows: bool = True,
+    timer_lead: timedelta = timedelta(seconds=1),
+) -> Runtime:
     url = f"sqlite:///{directory / 'journal.db'}"
     return Runtime(
-        url, workflows=WORKFLOWS if workflows else [], hooks=make_hooks(), recover=recover
+        url,
+        workflows=WORKFLOWS if workflows else [],
+        hooks=make_hooks(),
+        recover=recover,
+        timer_lead=timer_lead,
     )
 
 
@@ -420,14 +442,21 @@ def say(line: str) -> None:
 
 
 async def run_crash(args: argparse.Namespace) -> int:
-    async with runtime(args.dir) as rt:
+    async with runtime(args.dir, timer_lead=timedelta(seconds=args.timer_lead)) as rt:
         handles = await start(rt, args.scenario, args.seconds)
         if args.kill is not None:
             # fanout, saga: it dies by its own hand at the chosen point.
             await outcomes(handles)
             say("the kill point was never reached")
             return 3
-        info = await ready(rt, args.scenario, handles)
+        if args.ready_when == "resumed":
+            # Past the parking: the timer service has claimed every sleeper
+            # (running again, replayed up to its sleep) and it waits out the
+            # rest of the sleep in memory.
+            await resumed(rt, handles)
+            info: dict[str, Any] = {"ids": {t: h.id for t, h in handles.items()}}
+        else:
+            info = await ready(rt, args.scenario, handles)
         write_json(args.dir / "ready.json", info)
         say("READY " + json.dumps(info))
         await asyncio.Event().wait()  # until the SIGKILL
@@ -490,6 +519,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("crash", "outside", "recover", "reference"))
     parser.add_argument("--scenario", choices=SCENARIOS, action="append", dest="scenarios")
     parser.add_argument("--seconds", type=float, default=2.0, help="how long the sleepers sleep")
+    parser.add_argument(
+        "--ready-when",
+        choices=("parked", "resumed"),
+        default="parked",
+        help="crash mode, sleep: be killed once parked, or once resumed ahead of time",
+    )
+    parser.add_argument("--timer-lead", type=float, default=1.0, help="crash mode's timer lead")
     parser.add_argument(
         "--kill",
         help="after_step:NAME:N (die once N steps named NAME committed) or after_call:WHAT "
