@@ -16,8 +16,10 @@ Modes:
 
 - ``crash``: start the scenario's invocations. For ``sleep``, ``promise``,
   ``signal`` and ``cancel``, wait until every one is parked, print one
-  ``READY {json}`` line and wait to be SIGKILLed by the test. For ``fanout``
-  and ``saga``, SIGKILL itself at ``--kill`` (writing ``crash.json`` first).
+  ``READY {json}`` line and wait to be SIGKILLed by the test (for ``sleep``
+  with ``--ready-when resumed``: once the timer service has resumed every
+  sleeper ahead of its time). For ``fanout`` and ``saga``, SIGKILL itself at
+  ``--kill`` (writing ``crash.json`` first).
 - ``outside``: while no worker runs, do what the scenario does from outside
   (resolve the promises, send the signals, cancel) through a
   ``Runtime(url, recover=False)`` that runs no workflows, as an admin tool
