@@ -37,8 +37,8 @@ class GatedMemoryStore(MemoryStore):
         super().__init__()
         self.gate = gate
 
-    async def due_invocations(self, before: float, *, limit: int = 1000) -> list[InvocationRecord]:
-        found = await super().due_invocations(before, limit=limit)
+    async def due_invocations(self, before: float, **kwargs: Any) -> list[InvocationRecord]:
+        found = await super().due_invocations(before, **kwargs)
         await self.gate.after_read(found)
         return found
 
@@ -48,8 +48,8 @@ class GatedSQLiteStore(SQLiteStore):
         super().__init__(path, exclusive=True)
         self.gate = gate
 
-    async def due_invocations(self, before: float, *, limit: int = 1000) -> list[InvocationRecord]:
-        found = await super().due_invocations(before, limit=limit)
+    async def due_invocations(self, before: float, **kwargs: Any) -> list[InvocationRecord]:
+        found = await super().due_invocations(before, **kwargs)
         await self.gate.after_read(found)
         return found
 

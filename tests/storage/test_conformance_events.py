@@ -571,7 +571,7 @@ async def test_sqlite_migrates_a_version_2_database(tmp_path: Any) -> None:
         updated_at=11.0,
     )
     async with SQLiteStore(path) as store:
-        assert await store.schema_version() == SCHEMA_VERSION == 3
+        assert await store.schema_version() == SCHEMA_VERSION >= 3
         for rec_id in ("old-wf", "old-msg"):
             got = await store.get_invocation(rec_id)
             assert got is not None
