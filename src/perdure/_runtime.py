@@ -602,8 +602,10 @@ class Runtime:
         if ctx is not None:
             if ctx._cancel is None:
                 ctx._cancel = reason
-        elif invocation_id in self._tasks or invocation_id in self._queued:
-            # Started (or queued in a mailbox) but its context is not made yet.
+        else:
+            # Not running here yet, but it may be about to start from a record
+            # read before this request committed (the timer service resuming
+            # it): the context it gets takes the reason from here.
             self._early_cancels.setdefault(invocation_id, reason)
         self.notify(invocation_id)
 
@@ -984,6 +986,7 @@ class Runtime:
             if decoded is None:
                 decoded = self._decode_input(rec.id, wf, input_entry)
             args, kwargs = decoded
+            early_cancel = self._early_cancels.pop(rec.id, None)
             ctx = Context(
                 self,
                 rec.id,
@@ -993,7 +996,7 @@ class Runtime:
                 key=rec.actor_key,
                 live_guard=self._live_guard,
                 deadline=rec.deadline,
-                cancel_reason=rec.cancel_reason or self._early_cancels.pop(rec.id, None),
+                cancel_reason=rec.cancel_reason or early_cancel,
                 can_park=activation is None,
                 partition=rec.partition,
             )

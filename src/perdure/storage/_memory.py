@@ -122,9 +122,11 @@ class MemoryStore(Store):
         change = write.status
         if change is not None and change.invocation_id not in self._invocations:
             raise ConflictError(f"invocation {change.invocation_id} does not exist")
+        promise_ids: set[str] = set()
         for p in write.promises:
-            if p.id in self._promises:
+            if p.id in self._promises or p.id in promise_ids:
                 raise ConflictError(f"promise id {p.id} is already taken")
+            promise_ids.add(p.id)
             if p.invocation_id not in self._invocations:
                 raise ConflictError(f"invocation {p.invocation_id} does not exist")
         settle = write.resolution

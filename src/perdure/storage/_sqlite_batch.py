@@ -532,25 +532,34 @@ def _apply_events(conn: sqlite3.Connection, w: Write) -> Any:
     result: Any = None
     wakes = [(x.at, x.invocation_id) for x in w.wakes]
     if w.promises:
-        _insert_many(
-            conn,
-            "INSERT INTO promises (id, invocation_id, name, state, payload, type_tag, "
-            "created_at, resolved_at) VALUES ",
-            8,
-            [
-                (
-                    p.id,
-                    p.invocation_id,
-                    p.name,
-                    p.state,
-                    p.payload,
-                    p.type_tag,
-                    p.created_at,
-                    p.resolved_at,
-                )
-                for p in w.promises
-            ],
-        )
+        try:
+            _insert_many(
+                conn,
+                "INSERT INTO promises (id, invocation_id, name, state, payload, type_tag, "
+                "created_at, resolved_at) VALUES ",
+                8,
+                [
+                    (
+                        p.id,
+                        p.invocation_id,
+                        p.name,
+                        p.state,
+                        p.payload,
+                        p.type_tag,
+                        p.created_at,
+                        p.resolved_at,
+                    )
+                    for p in w.promises
+                ],
+            )
+        except sqlite3.IntegrityError as exc:
+            first = w.promises[0]
+            if "FOREIGN KEY" in str(exc):
+                raise ConflictError(
+                    f"invocation {first.invocation_id} (the owner of promise {first.id}) "
+                    "does not exist"
+                ) from None
+            raise ConflictError(f"promise id {first.id} is already taken ({exc})") from None
     r = w.resolution
     if r is not None:
         row = conn.execute(
