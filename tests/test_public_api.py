@@ -57,6 +57,7 @@ PERDURE_ALL = [
 ]
 
 STORAGE_ALL = [
+    "AfterCommit",
     "Attempt",
     "BeforeCommit",
     "CancelRequest",
