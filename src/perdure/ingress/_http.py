@@ -213,14 +213,20 @@ def _decode(raw: msgspec.Raw, hint: Any, name: str, what: str) -> Any:
 
 
 class BearerAuth:
-    """Refuses every HTTP request without ``Authorization: Bearer <token>``."""
+    """Refuses every HTTP request without ``Authorization: Bearer <token>``,
+    except to the ``public`` paths."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, token: str, public: frozenset[str] = frozenset()) -> None:
         self.app = app
         self._token = token.encode()
+        self._public = public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self._authorized(Headers(scope=scope)):
+        if (
+            scope["type"] == "http"
+            and not (self._public and _route_path(scope) in self._public)
+            and not self._authorized(Headers(scope=scope))
+        ):
             response = error_response(
                 401,
                 "unauthorized",
@@ -236,3 +242,9 @@ class BearerAuth:
         if scheme.lower() != "bearer":
             return False
         return hmac.compare_digest(given.strip().encode(), self._token)
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
