@@ -15,6 +15,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import StatusCode
 
 import perdure
@@ -325,6 +326,26 @@ async def test_the_ingress_continues_a_traceparent(backend: Backend, spans: Span
         assert parent_of(run) == int(remote_span, 16)
         assert run.parent is not None
         assert run.parent.is_remote
+
+
+async def test_an_unsampled_run_makes_no_step_spans() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    async with perdure.Runtime("memory://", workflows=[pay]) as rt:
+        tracing = observability.instrument(rt, tracer_provider=provider)
+        started: list[bool] = []
+        original = tracing.tracer.start_span
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            started.append(True)
+            return original(*args, **kwargs)
+
+        tracing.tracer.start_span = counting  # type: ignore[method-assign]
+        assert await rt.client.run(pay, 1) == "tx-1"
+    assert started == [True]  # the run's span only, and it records nothing
+    assert exporter.get_finished_spans() == ()
+    provider.shutdown()
 
 
 async def test_instrumenting_twice_returns_the_same_tracing(spans: Spans) -> None:

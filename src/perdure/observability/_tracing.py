@@ -141,11 +141,15 @@ class Tracing:
     # -- steps -----------------------------------------------------------------------
 
     def _before_step(self, info: StepInfo) -> None:
+        if not self._trace.get_current_span().is_recording():
+            # A run that was not sampled: its steps would not be either, and
+            # its context is current already for what the step calls.
+            return
         span = self.tracer.start_span(
             f"perdure.step {info.name}",
+            # Few attributes: the SDK's cost grows with them, and the run's
+            # span carries the invocation's.
             attributes={
-                "perdure.invocation_id": info.invocation_id,
-                "perdure.step.name": info.name,
                 "perdure.step.index": info.index,
                 "perdure.step.attempt": info.attempt,
                 "perdure.replayed": False,
