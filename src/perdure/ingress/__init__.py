@@ -20,6 +20,8 @@ Routes (JSON in, JSON out; errors are ``{"error": {"type", "message"}}``):
 - ``GET /invocations``, ``/invocations/{id}``, ``/invocations/{id}/journal``,
   ``/actors/{type}/{key}/history``, ``/actors/{type}/{key}/state?at=N``.
 - ``GET /openapi.json``: the OpenAPI 3.1 document of all of the above.
+- ``GET /metrics``: Prometheus metrics (with prometheus-client installed;
+  ``create_app(..., metrics_public=True)`` serves them without the token).
 """
 
 from __future__ import annotations
