@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -377,6 +379,51 @@ async def test_no_span_is_current_in_the_caller_after_a_run(spans: Spans) -> Non
         observability.instrument(rt, tracer_provider=spans.provider)
         await rt.client.run(pay, 1)
         assert not trace.get_current_span().get_span_context().is_valid
+
+
+def test_the_public_names_are_pinned() -> None:
+    assert sorted(observability.__all__) == [
+        "BatchCommit",
+        "InvocationEnd",
+        "InvocationFilter",
+        "InvocationInfo",
+        "Metrics",
+        "ReplayFilter",
+        "StepFailure",
+        "Tracing",
+        "enable_metrics",
+        "instrument",
+        "metrics_app",
+        "tracing_of",
+    ]
+
+
+def test_without_the_extras_importing_costs_nothing_and_asking_says_what_to_install() -> None:
+    code = (
+        "import sys\n"
+        "for name in ('opentelemetry', 'prometheus_client'):\n"
+        "    sys.modules[name] = None  # as if not installed\n"
+        "import perdure\n"
+        "from perdure import observability\n"
+        "from perdure.ingress import create_app\n"
+        "rt = perdure.Runtime('memory://')\n"
+        "create_app(rt)  # no /metrics without prometheus-client, and no error\n"
+        "for enable, extra in ((observability.instrument, 'otel'),"
+        " (observability.enable_metrics, 'metrics')):\n"
+        "    try:\n"
+        "        enable(rt)\n"
+        "    except perdure.ConfigurationError as exc:\n"
+        "        assert f'perdure[{extra}]' in str(exc), exc\n"
+        "    else:\n"
+        "        raise AssertionError('no error')\n"
+        "from perdure.testing import Hooks\n"
+        "assert rt.hooks == Hooks()\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout.strip() == "ok", done.stderr
 
 
 # -- metrics ---------------------------------------------------------------------------

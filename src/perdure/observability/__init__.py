@@ -49,6 +49,7 @@ __all__ = [
     "enable_metrics",
     "instrument",
     "metrics_app",
+    "tracing_of",
 ]
 
 _TRACING = "perdure.tracing"
