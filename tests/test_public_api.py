@@ -59,6 +59,7 @@ PERDURE_ALL = [
 ]
 
 STORAGE_ALL = [
+    "AfterCommit",
     "Attempt",
     "BeforeCommit",
     "CancelRequest",

@@ -28,7 +28,7 @@ from ._errors import (
     Suspended,
     TerminalError,
 )
-from ._hooks import StepInfo, fire
+from ._hooks import StepFailure, StepInfo, fire
 from ._journal import Replay, describe
 from ._retry import NO_RETRY, RetryPolicy
 from ._serde import is_coroutine_function, return_hint
@@ -654,7 +654,18 @@ class Context:
             index, entry, failed = self._take(EntryKind.STEP, name)
         if entry is not None:
             self._now = entry.created_at
-            self._rt.stats.steps_replayed += 1
+            rt = self._rt
+            rt.stats.steps_replayed += 1
+            if rt.hooks.step_replayed is not None:
+                fire(
+                    rt.hooks.step_replayed,
+                    StepInfo(
+                        invocation_id=self.invocation_id,
+                        index=index,
+                        name=name,
+                        attempt=entry.attempts,
+                    ),
+                )
             return self._outcome(entry, fn)
         if self._unflushed or self._cancel is not None or self._deadline is not None:
             await self._before_live()
@@ -750,6 +761,8 @@ class Context:
                     )
                 )
                 rt.stats.step_retries += 1
+                if hooks.step_failed is not None:
+                    fire(hooks.step_failed, StepFailure(step=info, error=exc, retrying=True))
                 await rt.clock.sleep(policy.delay(attempt))
                 attempt += 1
                 continue
@@ -828,6 +841,11 @@ class Context:
         await self._commit(Write(entries=(entry,)))
         self._now = now
         rt.stats.steps_executed += 1
+        if rt.hooks.step_failed is not None:
+            info = StepInfo(
+                invocation_id=self.invocation_id, index=index, name=name, attempt=attempts
+            )
+            fire(rt.hooks.step_failed, StepFailure(step=info, error=exc, retrying=False))
         raise exc
 
     async def _commit(self, write: Write) -> None:

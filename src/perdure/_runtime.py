@@ -42,7 +42,7 @@ from ._errors import (
     Suspended,
     UnknownWorkflowError,
 )
-from ._hooks import Hooks, fire
+from ._hooks import BatchCommit, Hooks, InvocationEnd, InvocationInfo, fire
 from ._journal import Replay
 from ._nodes import LeaseKeeper, NodeConfig, partition_of
 from ._pool import StepPool
@@ -154,6 +154,7 @@ class Runtime:
                 store,
                 exclusive=True,
                 before_commit=None if batch_hook is None else functools.partial(fire, batch_hook),
+                after_commit=self._after_batch_commit,
             )
         elif not isinstance(store, Store):
             raise ConfigurationError(
@@ -164,6 +165,8 @@ class Runtime:
         self.codec = Codec(max_payload_bytes=max_payload_bytes)
         self.clock: Clock = clock or SystemClock()
         self.stats = RuntimeStats()
+        # Per-runtime state of optional add-ons (perdure.observability), by name.
+        self.extensions: dict[str, Any] = {}
         self.client = Client(self)
         self._recover = recover
         self._max_step_threads = max_step_threads
@@ -476,6 +479,8 @@ class Runtime:
             )
         if created and stored.status is not Status.SUSPENDED:
             self.stats.invocations_started += 1
+            if self.hooks.invocation_created is not None:
+                fire(self.hooks.invocation_created, stored)
             self._launch(stored, wf, [entry], [], decoded)
         return stored, created
 
@@ -835,6 +840,8 @@ class Runtime:
                 )
             if created:
                 self.stats.invocations_started += 1
+                if self.hooks.invocation_created is not None:
+                    fire(self.hooks.invocation_created, stored)
                 activation.post(
                     _Pending(stored, handler, [entry], [], decoded, self._queue_waiter(stored.id))
                 )
@@ -934,6 +941,7 @@ class Runtime:
             key=rec.actor_key,
             live_guard=completed_message_guard,
         )
+        token = _current_context.set(ctx)
         try:
             await handler.method(instance, ctx, *args, **kwargs)
         except Suspended as s:
@@ -942,6 +950,8 @@ class Runtime:
             raise NonDeterminismError(
                 rec.id, len(journal) - 1, "the message completed", f"it to raise {exc!r}"
             ) from exc
+        finally:
+            _current_context.reset(token)
         replay.finish()
         self.stats.actor_messages_replayed += 1
 
@@ -952,6 +962,8 @@ class Runtime:
         return InvocationHandle[Any](self, rec.id, rec.target)
 
     def _forget(self, invocation_id: str, task: asyncio.Task[Outcome]) -> None:
+        if self.hooks.after_invocation is not None:
+            fire(self.hooks.after_invocation, _run_end(invocation_id, task))
         if self._tasks.get(invocation_id) is task:
             del self._tasks[invocation_id]
         self._contexts.pop(invocation_id, None)
@@ -1002,6 +1014,18 @@ class Runtime:
             )
             _current_context.set(ctx)
             self._contexts[rec.id] = ctx
+            if self.hooks.before_invocation is not None:
+                fire(
+                    self.hooks.before_invocation,
+                    InvocationInfo(
+                        invocation_id=rec.id,
+                        target=rec.target,
+                        actor_type=rec.actor_type,
+                        actor_key=rec.actor_key,
+                        parent_id=rec.parent_id,
+                        resumed=len(journal) > 1,
+                    ),
+                )
             try:
                 value = await call(ctx, *args, **kwargs)
                 if ctx._unflushed:
@@ -1123,6 +1147,10 @@ class Runtime:
         self.stats.invocations_failed += 1
         return Outcome(Status.FAILED, error=error)
 
+    def _after_batch_commit(self, size: int, seconds: float) -> None:
+        if self.hooks.after_batch_commit is not None:
+            fire(self.hooks.after_batch_commit, BatchCommit(size=size, seconds=seconds))
+
     def stopped_reason(self, invocation_id: str) -> BaseException | None:
         """Why an invocation stopped unfinished in this process, if it did."""
         return self._stopped.get(invocation_id)
@@ -1143,3 +1171,26 @@ class Runtime:
             lock = asyncio.Lock()
             self._locks[(scope, key)] = lock
         return lock
+
+
+_OUTCOMES = {
+    Status.COMPLETED: "completed",
+    Status.FAILED: "failed",
+    Status.CANCELLED: "cancelled",
+    Status.SUSPENDED: "suspended",
+}
+
+
+def _run_end(invocation_id: str, task: asyncio.Task[Outcome]) -> InvocationEnd:
+    """What ``after_invocation`` is told about a finished run's task."""
+    if task.cancelled():
+        return InvocationEnd(invocation_id=invocation_id, outcome="interrupted")
+    error = task.exception()
+    if error is not None:
+        return InvocationEnd(invocation_id=invocation_id, outcome="stopped", error=error)
+    outcome = task.result()
+    return InvocationEnd(
+        invocation_id=invocation_id,
+        outcome=_OUTCOMES.get(outcome.status, "stopped"),
+        error=outcome.error,
+    )

@@ -28,6 +28,8 @@ Routes (JSON in, JSON out; errors are ``{"error": {"type", "message"}}``):
 - ``GET /openapi.json``: the OpenAPI 3.1 document of all of the above.
 - ``GET /ui/``: the time-travel web UI (``/`` redirects there); with a
   token, a browser signs in once with ``/ui/?token=<token>``.
+- ``GET /metrics``: Prometheus metrics (with prometheus-client installed;
+  ``create_app(..., metrics_public=True)`` serves them without the token).
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -49,14 +50,23 @@ from ._http import (
 from ._openapi import openapi_document
 from ._ui import ui_routes
 
+if TYPE_CHECKING:
+    from ..observability import Metrics
+
 log = logging.getLogger("perdure.ingress")
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 MAX_LIST_LIMIT = 1000
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def create_app(
-    runtime: Runtime, *, token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    runtime: Runtime,
+    *,
+    token: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    metrics: bool | None = None,
+    metrics_public: bool = False,
 ) -> Starlette:
     """An ASGI app that serves ``runtime``'s workflows and actors over HTTP.
 
@@ -67,12 +77,21 @@ def create_app(
     Bodies over ``max_body_bytes`` are refused (413) while they are read.
     Served on its own, the app's lifespan starts the runtime (if it is not
     running) and stops it at shutdown.
+
+    ``GET /metrics`` serves the runtime's Prometheus metrics
+    (``perdure.observability.enable_metrics``) when ``metrics`` is True, or
+    when it is None and prometheus-client is installed; behind the token
+    like every route unless ``metrics_public``. A request's W3C
+    ``traceparent`` is continued by the invocations it starts when the
+    runtime is traced (``perdure.observability.instrument``).
     """
     if token is not None and (not isinstance(token, str) or not token):
         raise ValueError("token must be a non-empty string (or None for no auth)")
     if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be a positive int, not {max_body_bytes!r}")
     ingress = _Ingress(runtime, max_body_bytes, token is not None)
+    if metrics is None:
+        metrics = importlib.util.find_spec("prometheus_client") is not None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -99,7 +118,15 @@ def create_app(
         Route("/promises/{promise_id}/reject", ingress.reject_promise, methods=["POST"]),
         *ui_routes(runtime),
     ]
-    middleware = [] if token is None else [Middleware(BearerAuth, token=token)]
+    public: frozenset[str] = frozenset()
+    if metrics:
+        from ..observability import enable_metrics
+
+        ingress.metrics = enable_metrics(runtime)
+        routes.append(Route("/metrics", ingress.serve_metrics, methods=["GET"]))
+        if metrics_public:
+            public = frozenset({"/metrics"})
+    middleware = [] if token is None else [Middleware(BearerAuth, token=token, public=public)]
     return Starlette(
         routes=routes,
         middleware=middleware,
@@ -184,6 +211,18 @@ class _Ingress:
         self.client = runtime.client
         self.max_body_bytes = max_body_bytes
         self.auth = auth
+        self.metrics: Metrics | None = None
+
+    def _trace(self, request: Request) -> contextlib.AbstractContextManager[None]:
+        """Continue the caller's trace (``traceparent``) if the runtime is traced."""
+        if "traceparent" not in request.headers:
+            return contextlib.nullcontext()
+        from ..observability import tracing_of
+
+        tracing = tracing_of(self.runtime)
+        if tracing is None:
+            return contextlib.nullcontext()
+        return tracing.continue_trace(request.headers)
 
     # -- lookups -------------------------------------------------------------------
 
@@ -230,7 +269,10 @@ class _Ingress:
         key = idempotency_key(request)
         body = await read_body(request, self.max_body_bytes)
         args, kwargs = decode_arguments(wf, body, f"workflow {wf.name!r}")
-        handle = await self.client.start(wf, *args, idempotency_key=key, timeout=deadline, **kwargs)
+        with self._trace(request):
+            handle = await self.client.start(
+                wf, *args, idempotency_key=key, timeout=deadline, **kwargs
+            )
         if not wait:
             return _created(request, handle, (await handle.status()).value)
         return await self._outcome(request, handle, timeout)
@@ -273,7 +315,8 @@ class _Ingress:
             return json_response(
                 200, {"invocation_id": None, "status": "completed", "result": value}
             )
-        handle = await ref.tell(name, *args, idempotency_key=key, **kwargs)
+        with self._trace(request):
+            handle = await ref.tell(name, *args, idempotency_key=key, **kwargs)
         assert handle is not None
         if not wait:
             return _created(request, handle, (await handle.status()).value)
@@ -434,6 +477,12 @@ class _Ingress:
             },
             {"Location": f"{request.scope.get('root_path', '')}/invocations/{handle.id}"},
         )
+
+    @_guarded
+    async def serve_metrics(self, request: Request) -> Response:
+        assert self.metrics is not None
+        await self.metrics.refresh()
+        return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @_guarded
     async def openapi(self, request: Request) -> Response:

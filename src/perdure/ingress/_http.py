@@ -245,7 +245,8 @@ def _decode(raw: msgspec.Raw, hint: Any, name: str, what: str) -> Any:
 
 
 class BearerAuth:
-    """Refuses every HTTP request without ``Authorization: Bearer <token>``.
+    """Refuses every HTTP request without ``Authorization: Bearer <token>``,
+    except to the ``public`` paths.
 
     A browser cannot send that header when it opens a page, so the web UI
     is opened once as ``/ui/?token=<token>``: that answers with a redirect
@@ -256,13 +257,14 @@ class BearerAuth:
     on another site cannot send.
     """
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, token: str, public: frozenset[str] = frozenset()) -> None:
         self.app = app
         self._token = token.encode()
         self._cookie = hmac.new(self._token, b"perdure-ui-cookie", "sha256").hexdigest().encode()
+        self._public = public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (self._public and _route_path(scope) in self._public):
             await self.app(scope, receive, send)
             return
         request = Request(scope)
@@ -311,3 +313,9 @@ class BearerAuth:
 
 
 UI_COOKIE = "perdure_ui"
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from .._errors import ConfigurationError
+from ._base import AfterCommit as AfterCommit
 from ._base import BeforeCommit as BeforeCommit
 from ._base import Store as Store
 from ._memory import MemoryStore as MemoryStore
@@ -42,6 +43,7 @@ from ._sqlite import SQLiteStore as SQLiteStore
 
 __all__ = [
     "UNFINISHED",
+    "AfterCommit",
     "Attempt",
     "BeforeCommit",
     "CancelRequest",
@@ -74,6 +76,7 @@ def open_store(
     *,
     exclusive: bool = False,
     before_commit: BeforeCommit | None = None,
+    after_commit: AfterCommit | None = None,
 ) -> Store:
     """Build the store a URL names (not yet opened: ``await store.open()``)."""
     if not isinstance(url, str):
@@ -99,7 +102,13 @@ def open_store(
                     f"store URL {url!r}: unknown option {key!r}; known: synchronous"
                 )
             options[key] = value.lower()
-        return SQLiteStore(path, exclusive=exclusive, before_commit=before_commit, **options)
+        return SQLiteStore(
+            path,
+            exclusive=exclusive,
+            before_commit=before_commit,
+            after_commit=after_commit,
+            **options,
+        )
     if scheme in {"postgres", "postgresql"}:
         return PostgresStore.from_url(url, exclusive=exclusive, before_commit=before_commit)
     raise ConfigurationError(

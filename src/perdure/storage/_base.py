@@ -24,6 +24,12 @@ BeforeCommit = Callable[[int], None]
 before the transaction commits. Used by crash tests; keep it cheap."""
 
 
+AfterCommit = Callable[[int, float], None]
+"""Called on the event loop with the number of writes in a batch and the
+seconds its transaction took (BEGIN to the end of COMMIT), after it
+committed. Used by metrics; keep it cheap."""
+
+
 class Store(abc.ABC):
     """Durable storage for invocations, journals and idempotent results.
 
@@ -211,6 +217,13 @@ class Store(abc.ABC):
                 await self.read_attempts(invocation_id),
             )
         return found
+
+    async def count_suspended(self) -> tuple[int, int]:
+        """(suspended invocations, how many of them have a ``wake_at``), for
+        metrics. Backends should override this with a count; this default
+        reads the records."""
+        found = await self.list_invocations(statuses=(Status.SUSPENDED,))
+        return len(found), sum(1 for r in found if r.wake_at is not None)
 
     @abc.abstractmethod
     async def get_idempotent_result(self, scope: str, key: str) -> IdempotentResult | None: ...

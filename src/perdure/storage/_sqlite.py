@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from .._errors import ConfigurationError, JournalDecodeError, RuntimeLockedError, StorageError
-from ._base import BeforeCommit, Store
+from ._base import AfterCommit, BeforeCommit, Store
 from ._records import (
     Attempt,
     Checkpoint,
@@ -202,6 +202,7 @@ class SQLiteStore(Store):
         synchronous: Synchronous = "full",
         exclusive: bool = False,
         before_commit: BeforeCommit | None = None,
+        after_commit: AfterCommit | None = None,
     ) -> None:
         if synchronous not in ("full", "normal", "off"):
             raise ConfigurationError(
@@ -212,6 +213,7 @@ class SQLiteStore(Store):
         self.synchronous = synchronous
         self.exclusive = exclusive
         self._before_commit = before_commit
+        self._after_commit = after_commit
         self._committer: GroupCommitter | None = None
         self._write_conn: sqlite3.Connection | None = None
         self._reader: ThreadPoolExecutor | None = None
@@ -235,7 +237,9 @@ class SQLiteStore(Store):
             self._release_lock()
             raise
         self._write_conn = conn
-        self._committer = GroupCommitter(conn, self._loop, self.path, self._before_commit)
+        self._committer = GroupCommitter(
+            conn, self._loop, self.path, self._before_commit, self._after_commit
+        )
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="perdure-sqlite-reader")
         self._closed = False
 
@@ -599,6 +603,12 @@ class SQLiteStore(Store):
         )
         value = rows[0][0]
         return None if value is None else float(value)
+
+    async def count_suspended(self) -> tuple[int, int]:
+        rows = await self._read(
+            "SELECT count(*), count(wake_at) FROM invocations WHERE status = 'suspended'", ()
+        )
+        return int(rows[0][0]), int(rows[0][1])
 
     async def get_promise(self, promise_id: str) -> PromiseRecord | None:
         rows = await self._read(

@@ -35,7 +35,7 @@ from .._errors import (
     StorageError,
     StorageFullError,
 )
-from ._base import BeforeCommit
+from ._base import AfterCommit, BeforeCommit
 from ._records import UNFINISHED, Checkpoint, InvocationRecord, JournalEntry, Status, Write
 
 INVOCATION_COLUMNS = (
@@ -217,11 +217,13 @@ class GroupCommitter:
         loop: asyncio.AbstractEventLoop,
         path: str,
         before_commit: BeforeCommit | None,
+        after_commit: AfterCommit | None = None,
     ) -> None:
         self._conn = conn
         self._loop = loop
         self._path = path
         self._before_commit = before_commit
+        self._after_commit = after_commit
         self._pending: list[_Op] = []
         self._flush_scheduled = False
         self._in_flight = False
@@ -256,6 +258,7 @@ class GroupCommitter:
             return
         batch, self._pending = self._pending, []
         conn = self._conn
+        began = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -275,13 +278,13 @@ class GroupCommitter:
             # A lone write: the loop has nothing else to do, and handing the
             # COMMIT to the committer thread would cost two thread wake-ups
             # (~40 us each here) on top of the fsync.
-            began = time.perf_counter()
+            committing = time.perf_counter()
             failure = self._commit()
-            self._record_commit_time(time.perf_counter() - began)
-            self._committed(batch, outcomes, failure)
+            self._record_commit_time(time.perf_counter() - committing)
+            self._committed(batch, outcomes, failure, began)
             return
         self._in_flight = True
-        self._jobs.put((batch, outcomes))
+        self._jobs.put((batch, outcomes, began))
 
     def _fail(self, batch: list[_Op], error: BaseException) -> None:
         for op in batch:
@@ -313,9 +316,18 @@ class GroupCommitter:
         return outcomes
 
     def _committed(
-        self, batch: list[_Op], outcomes: list[tuple[bool, Any]], error: BaseException | None
+        self,
+        batch: list[_Op],
+        outcomes: list[tuple[bool, Any]],
+        error: BaseException | None,
+        began: float,
     ) -> None:
         self._in_flight = False
+        if error is None and self._after_commit is not None:
+            try:
+                self._after_commit(len(batch), time.perf_counter() - began)
+            except Exception:
+                pass  # observing a commit must not fail it; the hook logs its own
         for op, (ok, value) in zip(batch, outcomes, strict=True):
             if error is not None:
                 _settle(op.future, False, error)
@@ -347,11 +359,11 @@ class GroupCommitter:
             job = self._jobs.get()
             if job is _STOP:
                 return
-            batch, outcomes = job
-            began = time.perf_counter()
+            batch, outcomes, began = job
+            committing = time.perf_counter()
             error = self._commit()
-            self._record_commit_time(time.perf_counter() - began)
-            loop.call_soon_threadsafe(self._committed, batch, outcomes, error)
+            self._record_commit_time(time.perf_counter() - committing)
+            loop.call_soon_threadsafe(self._committed, batch, outcomes, error, began)
 
     def _commit(self) -> BaseException | None:
         try:
