@@ -91,6 +91,7 @@ class LeaseKeeper:
         self.owned: dict[int, int] = {}  # partition -> epoch
         self._task: asyncio.Task[None] | None = None
         self._last_renewed = 0.0
+        self._stopping = False
 
     @property
     def partitions(self) -> int:
@@ -106,10 +107,12 @@ class LeaseKeeper:
 
     async def start(self) -> None:
         await self.renew()
+        self._stopping = False
         self._task = asyncio.create_task(self._loop(), name=f"perdure:leases:{self.node_id}")
 
     async def stop(self) -> None:
         if self._task is not None:
+            self._stopping = True  # in case a driver swallows the cancellation
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
@@ -124,8 +127,10 @@ class LeaseKeeper:
 
     async def _loop(self) -> None:
         clock = self._rt.clock
-        while True:
+        while not self._stopping:
             await clock.sleep(self.config.renew_every.total_seconds())
+            if self._stopping:
+                return
             try:
                 await self.renew()
             except Exception:

@@ -150,9 +150,12 @@ class Runtime:
         self.hooks = hooks or Hooks()
         if isinstance(store, str):
             batch_hook = self.hooks.before_batch_commit
+            # One runtime per store, unless it is one node of several on a
+            # shared database: then the leases divide the work.
+            shared = node is not None and store.lower().startswith("postgres")
             store = open_store(
                 store,
-                exclusive=True,
+                exclusive=not shared,
                 before_commit=None if batch_hook is None else functools.partial(fire, batch_hook),
                 after_commit=self._after_batch_commit,
             )

@@ -36,12 +36,19 @@ class TimerService:
         self._kick = asyncio.Event()
         self._next: float | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="perdure:timers")
 
     async def stop(self) -> None:
         if self._task is not None:
+            # The flag and the kick end the loop even if a driver swallowed
+            # the cancellation (psycopg's pool can, while it hands out a
+            # connection).
+            self._stopping = True
+            self._kick.set()
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
@@ -60,7 +67,7 @@ class TimerService:
     async def _run(self) -> None:
         rt = self._rt
         clock = rt.clock
-        while True:
+        while not self._stopping:
             # Awake and about to read the store: until it has, any schedule()
             # kicks, so that a wake-up committed during the read is not missed.
             self._kick.clear()

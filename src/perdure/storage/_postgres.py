@@ -18,6 +18,7 @@ pool, error classes (``psycopg.errors``) and typing decide.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -850,7 +851,9 @@ class PostgresStore(Store):
         connection dies (a missed notification only waits for the next poll)."""
         import psycopg
 
-        channel = f"{self.schema}_perdure"
+        # The batch NOTIFYs 'perdure_' || left(md5(current_schema()), 16): a
+        # channel name is at most 63 bytes, a schema name may be too.
+        channel = "perdure_" + hashlib.md5(self.schema.encode()).hexdigest()[:16]
         while not self._closed:
             try:
                 conn = await self._connect()

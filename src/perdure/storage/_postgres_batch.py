@@ -701,7 +701,7 @@ async def _apply(conn: Connection, batch: list[_Op], label: str) -> list[Any]:
     if woken:
         # Delivered at COMMIT, to every node listening: the owners look at once.
         await conn.execute(
-            "SELECT pg_notify(current_schema() || '_perdure', p::text) "
+            "SELECT pg_notify('perdure_' || left(md5(current_schema()), 16), p::text) "
             "FROM unnest(%s::int4[]) AS p",
             (sorted(woken),),
         )

@@ -1,0 +1,236 @@
+"""Several node processes on one real PostgreSQL server: one is SIGKILLed,
+another SIGSTOPped past its lease (a zombie) and then SIGCONTed, and the
+server itself restarts mid-run. Every payment completes once, is charged
+once, no step result is written by the zombie after it lost its leases,
+and every account's balance is exact.
+
+The nodes are tests/crash/node_worker.py processes; this test submits the
+payments through a runtime that runs nothing itself (``recover=False``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from conftest import pg_query
+from perdure import Runtime, Status
+from perdure.storage import EntryKind
+
+sys.path.insert(0, str(Path(__file__).parent / "crash"))
+from node_worker import Account, Payment, Provider, build, config
+
+pytestmark = pytest.mark.slow
+WORKER = Path(__file__).parent / "crash" / "node_worker.py"
+TTL = 2.0
+
+
+class Cluster:
+    def __init__(self, url: str, directory: Path) -> None:
+        self.url = url
+        self.directory = directory
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+
+    def spawn(self, node: str) -> None:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKER),
+                "--store",
+                self.url,
+                "--dir",
+                str(self.directory),
+                "--node",
+                node,
+                "--ttl",
+                str(TTL),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("READY"):
+            proc.kill()
+            raise AssertionError(f"node {node} did not start: {line!r} {proc.stderr.read()!r}")  # type: ignore[union-attr]
+        self.procs[node] = proc
+
+    def signal(self, node: str, sig: signal.Signals) -> None:
+        self.procs[node].send_signal(sig)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def cluster(pg_url: str, tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(pg_url, tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def client(url: str, directory: Path) -> Runtime:
+    provider = Provider(directory / "provider.db", "client", 0.0)
+    return Runtime(
+        url,
+        workflows=[build(provider)],
+        actors=[Account],
+        node=config("client", TTL),
+        recover=False,
+    )
+
+
+async def wait_for(check: Any, what: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out after {seconds}s waiting for {what}")
+
+
+async def owners(rt: Runtime) -> set[str]:
+    now = time.time()
+    return {
+        lease.owner
+        for lease in await rt.store.list_leases()
+        if lease.owner and lease.expires_at > now
+    }
+
+
+async def completed(rt: Runtime, n: int) -> bool:
+    done = await rt.client.list(status=Status.COMPLETED, workflow="pay", limit=None)
+    return len(done) >= n
+
+
+def charges(directory: Path) -> tuple[dict[str, int], list[tuple[str, str, str, float]]]:
+    with sqlite3.connect(directory / "provider.db") as conn:
+        per_payment = dict(conn.execute("SELECT payment, count(*) FROM charges GROUP BY 1"))
+        calls = conn.execute("SELECT key, payment, node, at FROM calls").fetchall()
+    return per_payment, calls
+
+
+async def check_outcome(rt: Runtime, payments: list[Payment], directory: Path) -> None:
+    records = await rt.client.list(workflow="pay", limit=None)
+    assert len(records) == len(payments)
+    assert all(r.status is Status.COMPLETED for r in records), [r.status for r in records]
+    per_payment, _ = charges(directory)
+    assert per_payment == {p.payment_id: 1 for p in payments}  # each charged exactly once
+    for customer in {p.customer for p in payments}:
+        mine = [p for p in payments if p.customer == customer]
+        state = await rt.client.actor(Account, customer).state_at()
+        assert (state.cents, state.payments) == (sum(p.amount_cents for p in mine), len(mine))
+
+
+async def test_three_nodes_survive_a_kill_and_a_zombie(cluster: Cluster, pg_url: str) -> None:
+    for node in ("n1", "n2", "n3"):
+        cluster.spawn(node)
+    payments = [Payment(f"p{i:03d}", f"c{i % 5}", 100 + i) for i in range(60)]
+    async with client(pg_url, cluster.directory) as rt:
+
+        async def spread() -> bool:
+            return await owners(rt) == {"n1", "n2", "n3"}
+
+        await wait_for(spread, "the partitions to spread over three nodes", 15)
+        for p in payments:
+            await rt.client.start("pay", p, idempotency_key=p.payment_id)
+
+        async def a_quarter() -> bool:
+            return await completed(rt, len(payments) // 4)
+
+        await wait_for(a_quarter, "a quarter of the payments", 30)
+        cluster.signal("n2", signal.SIGKILL)
+        cluster.signal("n3", signal.SIGSTOP)
+        stopped_at = time.time()
+
+        async def all_done() -> bool:
+            return await completed(rt, len(payments))
+
+        await wait_for(all_done, "every payment, on the surviving node", 60)
+        assert await owners(rt) == {"n1"}  # it took over both nodes' partitions
+        cluster.signal("n3", signal.SIGCONT)
+        await asyncio.sleep(TTL)  # the zombie wakes up, tries to write, is fenced out
+
+        await check_outcome(rt, payments, cluster.directory)
+        # No step result written by the zombie after it was stopped (its
+        # in-flight steps ended after its lease was taken: they were refused).
+        schema = pg_url.rpartition("schema=")[2]
+        rows = pg_query(
+            pg_url,
+            f"SELECT invocation_id, idx, payload, created_at FROM {schema}.journal "
+            f"WHERE kind = '{EntryKind.STEP.value}'",
+        )
+        late = [
+            (inv, idx)
+            for inv, idx, payload, at in rows
+            if msgspec.json.decode(bytes(payload)) == "n3" and at >= stopped_at
+        ]
+        assert late == []
+        # Every committed charge step's key was charged; a repeated call is a
+        # step that had not committed, deduplicated by its key.
+        _, calls = charges(cluster.directory)
+        assert {key for key, *_ in calls} == set(
+            f"{inv}:{idx}" for inv, idx, payload, _ in rows if idx == 2
+        )
+    assert cluster.procs["n1"].poll() is None
+
+
+@pytest.mark.skipif(shutil.which("pg_ctlcluster") is None, reason="needs pg_ctlcluster")
+async def test_nodes_reconnect_after_the_database_restarts(cluster: Cluster, pg_url: str) -> None:
+    for node in ("n1", "n2"):
+        cluster.spawn(node)
+    payments = [Payment(f"r{i:03d}", f"c{i % 3}", 200 + i) for i in range(40)]
+    async with client(pg_url, cluster.directory) as rt:
+        for p in payments[:20]:
+            await rt.client.start("pay", p, idempotency_key=p.payment_id)
+
+        async def some() -> bool:
+            return await completed(rt, 5)
+
+        await wait_for(some, "the first payments", 30)
+        version = sorted(os.listdir("/etc/postgresql"))[-1]
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+            check=True,
+            timeout=60,
+        )
+        for p in payments[20:]:
+            for _ in range(50):  # the client's own connections come back too
+                try:
+                    await rt.client.start("pay", p, idempotency_key=p.payment_id)
+                    break
+                except Exception:
+                    await asyncio.sleep(0.2)
+
+        async def all_done() -> bool:
+            try:
+                return await completed(rt, len(payments))
+            except Exception:
+                return False
+
+        await wait_for(all_done, "every payment after the restart", 90)
+        await check_outcome(rt, payments, cluster.directory)
