@@ -83,12 +83,14 @@ def stop(procs: list[subprocess.Popen[str]]) -> None:
             p.wait(15)
         except subprocess.TimeoutExpired:
             p.kill()
+        if p.stdout is not None:
+            p.stdout.close()
 
 
 async def spread(rt: Runtime, nodes: int) -> None:
     for _ in range(100):
         now = time.time()
-        owners = {l.owner for l in await rt.store.list_leases() if l.owner and l.expires_at > now}
+        owners = {x.owner for x in await rt.store.list_leases() if x.owner and x.expires_at > now}
         if len(owners) == nodes:
             return
         await asyncio.sleep(0.1)
@@ -152,7 +154,7 @@ async def failover(dsn: str, payments: int) -> dict[str, Any]:
             )
             async with rt:
                 await spread(rt, 2)
-                leases = {l.partition: l.owner for l in await rt.store.list_leases()}
+                leases = {x.partition: x.owner for x in await rt.store.list_leases()}
                 for i in range(payments):
                     p = Payment(f"f{i:04d}", f"c{i % 10}", 100 + i)
                     await rt.client.start("pay", p, idempotency_key=p.payment_id)

@@ -510,6 +510,33 @@ class Runtime:
         await self.recover(partitions)
         self.timers.kick()
 
+    async def retry_stopped(self) -> int:
+        """Relaunch the workflows that stopped here on a storage error (the
+        database went away) and are still ours: once it answers again, they
+        go on from their journals. Returns how many."""
+        stopped = [
+            i
+            for i, reason in self._stopped.items()
+            if isinstance(reason, StorageError) and i not in self._tasks
+        ]
+        if not stopped:
+            return 0
+        runnable = []
+        for invocation_id in stopped:
+            rec = await self.store.get_invocation(invocation_id)
+            if rec is None or rec.status.finished or rec.actor_type is not None:
+                self._stopped.pop(invocation_id, None)
+                continue
+            wf = self._workflows.get(rec.target)
+            if wf is not None and self.owns(rec.partition) and rec.status is not Status.SUSPENDED:
+                runnable.append((rec, wf))
+        journals = await self._read_journals([r.id for r, _ in runnable])
+        for rec, wf in runnable:
+            found = journals[rec.id]
+            if not isinstance(found, JournalDecodeError):
+                self._launch(rec, wf, found[0], found[1], None)
+        return len(runnable)
+
     def drop_partitions(self, partitions: set[int]) -> None:
         """This node lost ``partitions``: stop their work here, writing nothing.
         The new owner resumes it from the journal."""
@@ -812,6 +839,7 @@ class Runtime:
                         kwargs,
                         0.0,
                         reply,
+                        idempotency_key,
                     ),
                     {},
                     idempotency_key=idempotency_key,

@@ -138,16 +138,42 @@ async def deliver(
     kwargs: dict[str, Any],
     due: float,
     reply: bool = False,
+    message_key: str | None = None,
 ) -> Any:
     """A delayed message, or one that another node received for this node's
-    actor: sleep until it is due, then send it as a journaled step (``ask``
-    with ``reply``: the handler's reply is the result)."""
+    actor: sleep until it is due, then send it as one journaled step (with
+    ``reply``, wait for the handler's reply: it is the result). The message's
+    idempotency key is ``message_key`` (the sender's, so that a message sent
+    directly and again through here after a failover is deduplicated), or
+    the step's."""
+    from ._context import current_step
+    from ._retry import NO_RETRY
+    from .storage._records import InvocationRecord
+
     if due > ctx.now().timestamp():
         await ctx.sleep_until(datetime.fromtimestamp(due, UTC))
-    target = ctx.actor(actor_type, key)
-    if reply:
-        return await target.ask(handler, *args, **kwargs)
-    return await target.tell(handler, *args, **kwargs)
+    rt = ctx._rt
+    definition = rt.actor(actor_type)
+
+    async def send() -> Any:
+        sent = await rt.send_actor(
+            definition,
+            key,
+            handler,
+            tuple(args),
+            kwargs,
+            idempotency_key=message_key or current_step().key,
+            reply=reply,
+        )
+        if not isinstance(sent, InvocationRecord):
+            return None if sent is None else await sent
+        if reply:
+            return await rt.client_handle(sent).result()
+        return sent.id
+
+    return await ctx.run(
+        f"{'ask' if reply else 'tell'} {actor_type}.{handler} {key}", send, retry=NO_RETRY
+    )
 
 
 INTERNAL_WORKFLOWS = (cron_tick, deliver)

@@ -187,6 +187,7 @@ _MIGRATION_LOCK = 0x70657264  # "perd": the advisory lock class for migrations
 _RUNTIME_LOCK = 0x7065726C  # "perl": the one a runtime holds on its schema
 _LOCK_WAIT_SECONDS = 1.0
 _CONNECT_TIMEOUT_SECONDS = 10
+_IDLE_IN_TRANSACTION_MS = 3000
 _MIN_SERVER_VERSION = 130000
 # A read whose connection died is repeated on another one; the pool drops
 # the dead ones first. More than once: after a restart, a pooled connection
@@ -321,7 +322,13 @@ class PostgresStore(Store):
                 f"store URL {self.url!r}: {one_line(exc)}; see the libpq connection parameters"
             ) from None
         # The schema goes first in the search path, after any options of the URL's own.
-        options = f"{given.get('options', '')} -c search_path={schema}".strip()
+        # A client paused inside a transaction (SIGSTOP, a partition) would
+        # hold its row locks, and with them the other nodes' lease takeover:
+        # the server ends such a session after a few seconds.
+        options = (
+            f"{given.get('options', '')} -c search_path={schema} "
+            f"-c idle_in_transaction_session_timeout={_IDLE_IN_TRANSACTION_MS}"
+        ).strip()
         self._conn_kwargs: dict[str, Any] = {"autocommit": True, "options": options}
         if "application_name" not in given:
             self._conn_kwargs["application_name"] = f"perdure/{schema}"[:63]
