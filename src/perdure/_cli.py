@@ -30,6 +30,8 @@ _LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "fork": ("perdure._cli_store", "fork"),
     "invocations": ("perdure._cli_store", "invocations"),
     "journal": ("perdure._cli_store", "journal"),
+    "replay": ("perdure._cli_resume", "replay"),
+    "resume": ("perdure._cli_resume", "resume"),
     "promise": ("perdure._cli_control", "promise"),
     "query": ("perdure._cli_control", "query"),
     "serve": ("perdure._cli_serve", "serve"),
