@@ -143,7 +143,7 @@ async def throughput(dsn: str, nodes: int, payments: int) -> dict[str, Any]:
 async def failover(dsn: str, payments: int) -> dict[str, Any]:
     url = with_schema(dsn, f"bench_failover_{uuid.uuid4().hex[:12]}")
     with tempfile.TemporaryDirectory() as d:
-        procs = [spawn(url, d, f"n{i}", 0.3) for i in range(2)]
+        procs = [spawn(url, d, f"n{i}", 1.0) for i in range(2)]
         try:
             rt = Runtime(
                 url,
@@ -158,7 +158,7 @@ async def failover(dsn: str, payments: int) -> dict[str, Any]:
                 for i in range(payments):
                     p = Payment(f"f{i:04d}", f"c{i % 10}", 100 + i)
                     await rt.client.start("pay", p, idempotency_key=p.payment_id)
-                await asyncio.sleep(0.5)  # let both nodes get work in flight
+                await asyncio.sleep(0.3)  # both nodes have work in flight (1 s charges)
                 victims = [
                     r.id
                     for r in await rt.client.list(workflow="pay", limit=None)
