@@ -399,15 +399,7 @@ class Runtime:
                 )
                 continue
             runnable.append((rec, wf))
-        journals = await self._read_journals([rec.id for rec, _ in runnable])
-        resumed = 0
-        for rec, wf in runnable:
-            found = journals[rec.id]
-            if isinstance(found, JournalDecodeError):
-                self._suspended(rec, found)
-                continue
-            self._launch(rec, wf, found[0], found[1], None)
-            resumed += 1
+        resumed = await self._relaunch(runnable)
         for actor_type, key in sorted(actors):
             activation = self.activation(self._actors[actor_type], key)
             try:
@@ -530,12 +522,7 @@ class Runtime:
             wf = self._workflows.get(rec.target)
             if wf is not None and self.owns(rec.partition) and rec.status is not Status.SUSPENDED:
                 runnable.append((rec, wf))
-        journals = await self._read_journals([r.id for r, _ in runnable])
-        for rec, wf in runnable:
-            found = journals[rec.id]
-            if not isinstance(found, JournalDecodeError):
-                self._launch(rec, wf, found[0], found[1], None)
-        return len(runnable)
+        return await self._relaunch(runnable)
 
     def drop_partitions(self, partitions: set[int]) -> None:
         """This node lost ``partitions``: stop their work here, writing nothing.
@@ -601,15 +588,24 @@ class Runtime:
             else:
                 claimed.append((rec, wf))
         runnable = claimed
-        journals = await self._read_journals([r.id for r, _ in runnable])
+        self.stats.invocations_resumed += len(runnable)
+        return await self._relaunch(runnable)
+
+    async def _relaunch(
+        self, runnable: Sequence[tuple[InvocationRecord, Workflow[Any, Any]]]
+    ) -> int:
+        """Read the journals of ``runnable`` in bulk and run each from its
+        journal; one that cannot be decoded stops alone. Returns how many run."""
+        journals = await self._read_journals([rec.id for rec, _ in runnable])
+        launched = 0
         for rec, wf in runnable:
             found = journals[rec.id]
             if isinstance(found, JournalDecodeError):
                 self._suspended(rec, found)
                 continue
             self._launch(rec, wf, found[0], found[1], None)
-        self.stats.invocations_resumed += len(runnable)
-        return len(runnable)
+            launched += 1
+        return launched
 
     def notify(self, invocation_id: str) -> None:
         """Something an invocation may wait for happened (the store already
