@@ -43,7 +43,7 @@ class Cluster:
         self.directory = directory
         self.procs: dict[str, subprocess.Popen[str]] = {}
 
-    def spawn(self, node: str) -> None:
+    def spawn(self, node: str, latency: float = 0.2) -> None:
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -56,6 +56,8 @@ class Cluster:
                 node,
                 "--ttl",
                 str(TTL),
+                "--latency",
+                str(latency),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -152,7 +154,9 @@ async def check_outcome(rt: Runtime, payments: list[Payment], directory: Path) -
 
 async def test_three_nodes_survive_a_kill_and_a_zombie(cluster: Cluster, pg_url: str) -> None:
     for node in ("n1", "n2", "n3"):
-        cluster.spawn(node)
+        # A 1 s charge (about 4 s of charging per node) keeps work in flight
+        # on the nodes when they are stopped.
+        cluster.spawn(node, latency=1.0)
     payments = [Payment(f"p{i:03d}", f"c{i % 5}", 100 + i) for i in range(60)]
     async with client(pg_url, cluster.directory) as rt:
 
@@ -170,12 +174,19 @@ async def test_three_nodes_survive_a_kill_and_a_zombie(cluster: Cluster, pg_url:
         cluster.signal("n2", signal.SIGKILL)
         cluster.signal("n3", signal.SIGSTOP)
         stopped_at = time.time()
+        unfinished = len(payments) - len(
+            await rt.client.list(status=Status.COMPLETED, workflow="pay", limit=None)
+        )
+        assert unfinished > 0  # the stopped nodes had work in flight
 
         async def all_done() -> bool:
             return await completed(rt, len(payments))
 
+        async def taken_over() -> bool:  # n1 holds both nodes' partitions
+            return await owners(rt) == {"n1"}
+
         await wait_for(all_done, "every payment, on the surviving node", 60)
-        assert await owners(rt) == {"n1"}  # it took over both nodes' partitions
+        await wait_for(taken_over, "n1 to take over every partition", 4 * TTL)
         cluster.signal("n3", signal.SIGCONT)
         await asyncio.sleep(TTL)  # the zombie wakes up, tries to write, is fenced out
 
