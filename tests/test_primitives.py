@@ -32,6 +32,11 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, seconds: float 
         raise AssertionError(f"timed out waiting for {what}") from None
 
 
+async def _all_suspended(rt: perdure.Runtime) -> bool:
+    records = await rt.client.list(limit=None)
+    return len(records) == 2 and all(r.status is Status.SUSPENDED for r in records)
+
+
 async def status_is(handle: perdure.InvocationHandle[Any], status: Status) -> None:
     async def check() -> bool:
         try:
@@ -75,7 +80,11 @@ async def test_a_parked_sleep_holds_no_task_and_wakes_after_a_restart(backend: B
     async with backend.runtime([sleeper], clock=clock) as rt:
         handle = await rt.client.start(sleeper, 1)
         await status_is(handle, Status.SUSPENDED)
-        assert rt.running(handle.id) is None
+
+        async def task_ended() -> bool:  # the row says suspended a moment before
+            return rt.running(handle.id) is None
+
+        await until(task_ended, "the parked run's task to end")
         assert rt.stats.invocations_parked == 1
     clock.advance(2 * 86400)  # the timer came due while no process ran
     async with backend.runtime([sleeper], clock=clock) as rt:
@@ -337,9 +346,14 @@ async def race(ctx: perdure.Context) -> str:
 async def test_select_races_a_child_against_a_timer_and_replays_the_same_branch(
     backend: Backend,
 ) -> None:
-    clock = FakeClock()
+    # Time moves only once both have parked: an autojumping clock could jump
+    # to the child's wake-up before the parent (on a slower store) parked.
+    clock = FakeClock(autojump=False)
     async with backend.runtime([race, slow_child], clock=clock) as rt:
         handle = await rt.client.start(race)
+        await status_is(handle, Status.SUSPENDED)
+        await until(lambda: _all_suspended(rt), "the child to park")
+        clock.advance(3600)
         assert await asyncio.wait_for(handle.result(), 10) == "timeout"
         journal = await rt.client.journal(handle.id)
     # Replayed from the top (a fork of the whole journal): the same branch.

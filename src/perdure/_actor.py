@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import msgspec
 
-from ._errors import ConfigurationError, JournalDecodeError, PerdureError
+from ._errors import ConfigurationError, FencedError, JournalDecodeError, PerdureError
 from ._workflow import Workflow
 from .storage._records import Checkpoint, InvocationRecord, Status
 
@@ -266,6 +266,9 @@ class Activation:
             if isinstance(item, _Pending):
                 if not await self._handle_durable(item):
                     return
+                if self.stopped is not None:  # stopped from outside while it ran
+                    self.rt._forget_activation(self)
+                    return
                 continue
             handler, args, kwargs, future = item
             ctx = self.plain_context
@@ -313,29 +316,47 @@ class Activation:
             try:
                 state = await rebuild(rt, self.definition, self.key, upto_seq=None)
             except PerdureError as exc:
-                self._stop(exc)
+                self.stop(exc)
                 return False
             self.instance = state.instance
             self.since_checkpoint = state.since_checkpoint
             return True
         assert outcome.error is not None
-        self._stop(outcome.error)
+        self.stop(outcome.error)
         return False
 
-    def _stop(self, reason: BaseException) -> None:
-        """Stop the mailbox: later messages must not overtake a stuck one."""
+    def stop(self, reason: BaseException) -> None:
+        """Stop the mailbox: later messages must not overtake a stuck one.
+        Their callers learn why. A message in flight finishes first; then the
+        next message activates the actor again, from the store."""
         self.stopped = reason
         for item in self.mailbox:
             if isinstance(item, _Pending):
-                self.rt._stopped[item.record.id] = reason
+                self.rt._mark_stopped(item.record.id, reason)
                 self.rt._settle_queued(item, Status.RUNNING, reason)
             else:
                 future = item[3]
                 if not future.done():
                     future.set_exception(reason)
         self.mailbox.clear()
-        self.rt._forget_activation(self)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)  # idle: end now
+        if self.task is asyncio.current_task() or not self.ready.done():
+            self.rt._forget_activation(self)
         log.error("actor %s/%s stopped: %s", self.definition.name, self.key, reason)
+
+    def abandon(self) -> None:
+        """This node lost the actor's partition: stop at once, writing nothing
+        more (its writes are fenced anyway). The new owner resumes the
+        messages; callers here wait for them in the store."""
+        self.stopped = FencedError(self.rt.actor_partition(self.definition.name, self.key), 0, None)
+        self.task.cancel()
+        for item in self.mailbox:
+            if isinstance(item, _Pending):
+                self.rt._settle_queued(item, Status.RUNNING, None)
+        self.mailbox.clear()
+        self.rt._forget_activation(self)
 
     def post(self, item: Any) -> None:
         self.mailbox.append(item)

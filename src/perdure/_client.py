@@ -147,10 +147,14 @@ class InvocationHandle(Generic[R]):
                 except asyncio.CancelledError:
                     current = asyncio.current_task()
                     if task.cancelled() and not (current and current.cancelling()):
+                        if self._rt._started and self._rt.running(self.id) is not task:
+                            continue  # its partition moved: the new owner finishes it
                         raise InvocationStoppedError(self.id, None) from None
                     raise
-                if outcome.status is Status.SUSPENDED:
-                    continue  # parked: wait for it to resume and finish
+                if outcome.status is Status.SUSPENDED or (
+                    outcome.status is Status.RUNNING and outcome.error is None
+                ):
+                    continue  # parked, or its partition moved: wait for it to finish
                 if outcome.status is Status.COMPLETED:
                     value: R = outcome.value
                     return value

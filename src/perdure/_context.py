@@ -36,7 +36,6 @@ from .storage._records import (
     Attempt,
     EntryKind,
     IdempotentResult,
-    InvocationRecord,
     JournalEntry,
     Write,
 )
@@ -901,7 +900,7 @@ class CallableActor:
         target = definition.handler(handler)
 
         async def ask_actor() -> Any:
-            sent = await rt.send_actor(
+            return await rt.send_from_step(
                 definition,
                 key,
                 handler,
@@ -910,10 +909,6 @@ class CallableActor:
                 idempotency_key=current_step().key,
                 reply=True,
             )
-            if isinstance(sent, InvocationRecord):
-                return await rt.client_handle(sent).result()
-            assert sent is not None
-            return await sent
 
         ask_actor.__annotations__ = {"return": target.return_hint}
         return await self._ctx.run(f"ask {target.name} {key}", ask_actor, retry=_ONCE)
@@ -932,21 +927,24 @@ class CallableActor:
         if delay is not None:
 
             async def tell_later() -> str:
-                rec = await rt.send_later(
-                    definition,
-                    key,
-                    handler,
-                    args,
-                    kwargs,
-                    delay,
-                    idempotency_key=current_step().key,
-                )
+                try:
+                    rec = await rt.send_later(
+                        definition,
+                        key,
+                        handler,
+                        args,
+                        kwargs,
+                        delay,
+                        idempotency_key=current_step().key,
+                    )
+                except StorageError as exc:
+                    raise Suspended(exc) from None  # not the step's outcome: retried
                 return rec.id
 
             return await self._ctx.run(f"tell {target.name} {key} later", tell_later, retry=_ONCE)
 
         async def tell_actor() -> str | None:
-            sent = await rt.send_actor(
+            sent: str | None = await rt.send_from_step(
                 definition,
                 key,
                 handler,
@@ -955,7 +953,7 @@ class CallableActor:
                 idempotency_key=current_step().key,
                 reply=False,
             )
-            return sent.id if isinstance(sent, InvocationRecord) else None
+            return sent
 
         return await self._ctx.run(f"tell {target.name} {key}", tell_actor, retry=_ONCE)
 

@@ -162,8 +162,6 @@ class LeaseKeeper:
         if gained:
             log.info("node %s: took partitions %s", self.node_id, sorted(gained))
             await rt.take_over(sorted(gained))
-        # The store answers again: what stopped on its errors goes on.
-        await rt.retry_stopped()
 
     def lost(self, partition: int) -> None:
         """A write was fenced: this node no longer holds ``partition``."""

@@ -503,9 +503,11 @@ class Runtime:
         self.timers.kick()
 
     async def retry_stopped(self) -> int:
-        """Relaunch the workflows that stopped here on a storage error (the
-        database went away) and are still ours: once it answers again, they
-        go on from their journals. Returns how many."""
+        """Relaunch what stopped here on a storage error (a full disk, the
+        database went away) and is still ours: workflows go on from their
+        journals, and an actor whose mailbox stopped is activated again (it
+        reloads and resumes its unfinished messages). The timer service calls
+        this once the store answers again. Returns how many were relaunched."""
         stopped = [
             i
             for i, reason in self._stopped.items()
@@ -514,15 +516,24 @@ class Runtime:
         if not stopped:
             return 0
         runnable = []
+        actors: set[tuple[str, str]] = set()
         for invocation_id in stopped:
             rec = await self.store.get_invocation(invocation_id)
-            if rec is None or rec.status.finished or rec.actor_type is not None:
+            if rec is None or rec.status.finished or not self.owns(rec.partition):
+                self._stopped.pop(invocation_id, None)  # done, or another node's now
+                continue
+            if rec.actor_type is not None and rec.actor_key is not None:
                 self._stopped.pop(invocation_id, None)
+                if rec.actor_type in self._actors:
+                    actors.add((rec.actor_type, rec.actor_key))
                 continue
             wf = self._workflows.get(rec.target)
-            if wf is not None and self.owns(rec.partition) and rec.status is not Status.SUSPENDED:
+            if wf is not None and rec.status is not Status.SUSPENDED:
                 runnable.append((rec, wf))
-        return await self._relaunch(runnable)
+        launched = await self._relaunch(runnable)
+        for actor_type, key in sorted(actors):
+            self.activation(self._actors[actor_type], key)
+        return launched + len(actors)
 
     def drop_partitions(self, partitions: set[int]) -> None:
         """This node lost ``partitions``: stop their work here, writing nothing.
@@ -534,8 +545,7 @@ class Runtime:
                     task.cancel()
         for (actor_type, key), activation in list(self._activations.items()):
             if self.actor_partition(actor_type, key) in partitions:
-                activation.task.cancel()
-                self._forget_activation(activation)
+                activation.abandon()
 
     # -- suspension, wake-ups, cancellation ----------------------------------------
 
@@ -843,6 +853,11 @@ class Runtime:
                 )
                 return rec
         activation = self.activation(definition, key)
+        if activation.stopped is not None and not activation.task.done():
+            # Stopped on a storage error, finishing the message in flight:
+            # once it has, a new activation reloads the mailbox from the store.
+            await asyncio.shield(activation.task)
+            activation = self.activation(definition, key)
         activation.sending += 1
         try:
             await asyncio.shield(activation.ready)
@@ -859,7 +874,13 @@ class Runtime:
                 None,
                 actor=(definition.name, key, seq),
             )
-            stored, created = await self.store.create_invocation(rec, entry)
+            try:
+                stored, created = await self.store.create_invocation(rec, entry)
+            except StorageError as exc:
+                # Whether the message was recorded is unknown, so the mailbox
+                # may no longer match the log: a new activation reloads it.
+                activation.stop(exc)
+                raise
             if not created and stored.input_hash != rec.input_hash:
                 raise IdempotencyConflictError(
                     f"idempotency key {idempotency_key!r} of {handler.name!r} was already used "
@@ -936,13 +957,54 @@ class Runtime:
         self._queued.pop(item.record.id, None)
         return outcome
 
+    async def send_from_step(
+        self,
+        definition: ActorDef,
+        key: str,
+        handler_name: str | Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        idempotency_key: str,
+        reply: bool,
+    ) -> Any:
+        """Send a message from inside a journaled step (an ask, a tell, a
+        delivery); with ``reply``, wait for the reply. Returns the reply, or
+        the durable message's id, or None (a plain actor's tell).
+
+        A storage error while sending, or a message stopped on one, is not
+        the step's outcome: it stops the sending invocation unfinished, and
+        it is relaunched once the store answers (the resent message is
+        deduplicated by ``idempotency_key``). A message stopped for another
+        reason (non-determinism, an unreadable journal) stops it too."""
+        try:
+            sent = await self.send_actor(
+                definition,
+                key,
+                handler_name,
+                args,
+                kwargs,
+                idempotency_key=idempotency_key,
+                reply=reply,
+            )
+            if not isinstance(sent, InvocationRecord):
+                return None if sent is None else await sent
+            if not reply:
+                return sent.id
+            return await self.client_handle(sent).result()
+        except StorageError as exc:
+            raise Suspended(exc) from None
+        except InvocationStoppedError as exc:
+            reason = exc.reason if isinstance(exc.reason, StorageError) else exc
+            raise Suspended(reason) from None
+
     def _queue_waiter(self, invocation_id: str) -> asyncio.Future[Outcome]:
         """A future of the outcome of a message waiting in a mailbox."""
         done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._queued[invocation_id] = done
         return done
 
-    def _settle_queued(self, item: _Pending, status: Status, error: BaseException) -> None:
+    def _settle_queued(self, item: _Pending, status: Status, error: BaseException | None) -> None:
         if not item.done.done():
             item.done.set_result(Outcome(status, error=error))
         self._queued.pop(item.record.id, None)
@@ -1186,11 +1248,16 @@ class Runtime:
         if isinstance(reason, FencedError) and self.nodes is not None:
             self.nodes.lost(reason.partition)
         self.stats.invocations_suspended += 1
-        self._stopped[rec.id] = reason
+        self._mark_stopped(rec.id, reason)
         self._wake_finish_waiters(rec.id)
         level = logging.DEBUG if isinstance(reason, ForkStoppedError) else logging.ERROR
         log.log(level, "invocation %s (%s) stopped unfinished: %s", rec.id, rec.target, reason)
         return Outcome(Status.RUNNING, error=reason)
+
+    def _mark_stopped(self, invocation_id: str, reason: BaseException) -> None:
+        self._stopped[invocation_id] = reason
+        if isinstance(reason, StorageError):
+            self.timers.retry_later()  # relaunched once the store answers
 
     def _idempotency_lock(self, scope: str, key: str) -> asyncio.Lock:
         lock = self._locks.get((scope, key))

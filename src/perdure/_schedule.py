@@ -148,7 +148,6 @@ async def deliver(
     the step's."""
     from ._context import current_step
     from ._retry import NO_RETRY
-    from .storage._records import InvocationRecord
 
     if due > ctx.now().timestamp():
         await ctx.sleep_until(datetime.fromtimestamp(due, UTC))
@@ -156,7 +155,7 @@ async def deliver(
     definition = rt.actor(actor_type)
 
     async def send() -> Any:
-        sent = await rt.send_actor(
+        return await rt.send_from_step(
             definition,
             key,
             handler,
@@ -165,11 +164,6 @@ async def deliver(
             idempotency_key=message_key or current_step().key,
             reply=reply,
         )
-        if not isinstance(sent, InvocationRecord):
-            return None if sent is None else await sent
-        if reply:
-            return await rt.client_handle(sent).result()
-        return sent.id
 
     return await ctx.run(
         f"{'ask' if reply else 'tell'} {actor_type}.{handler} {key}", send, retry=NO_RETRY

@@ -10,6 +10,11 @@ wakes on time even when thousands come due at once.
 
 It keeps only the soonest known wake-up time in memory, so a million
 sleeping invocations cost a million rows and nothing else.
+
+It also brings back what stopped on a storage error (the disk was full,
+the database went away): once the store answers again, those invocations
+and actors go on from their journals, after 1 s, then 2, 4, ... up to 30 s
+while the errors go on.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ log = logging.getLogger("perdure.timers")
 
 _BATCH = 1000
 _RETRY_SECONDS = 1.0  # after a storage error
+_MAX_RETRY_SECONDS = 30.0
 
 
 class TimerService:
@@ -37,6 +43,10 @@ class TimerService:
         self._next: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # When to relaunch what stopped on storage errors, and how many
+        # relaunches in a row found something to relaunch (the backoff).
+        self._retry_at: float | None = None
+        self._retries = 0
 
     def start(self) -> None:
         self._stopping = False
@@ -64,6 +74,20 @@ class TimerService:
         """Something may have become due now: look at once."""
         self._kick.set()
 
+    def retry_later(self) -> None:
+        """Something stopped on a storage error: relaunch it once the store answers."""
+        if self._retry_at is None:
+            delay = min(_RETRY_SECONDS * 2**self._retries, _MAX_RETRY_SECONDS)
+            self._retry_at = self._rt.clock.now() + delay
+            self._kick.set()
+
+    async def _retry_stopped(self) -> None:
+        if self._retry_at is None or self._rt.clock.now() < self._retry_at:
+            return
+        self._retry_at = None
+        relaunched = await self._rt.retry_stopped()
+        self._retries = self._retries + 1 if relaunched else 0
+
     async def _run(self) -> None:
         rt = self._rt
         clock = rt.clock
@@ -82,6 +106,7 @@ class TimerService:
                     if len(due) == _BATCH:
                         continue
                 self._next = await rt.store.next_wake_at(partitions=parts)
+                await self._retry_stopped()  # the store answers: go on with what it stopped
             except PerdureError as exc:
                 log.error("timer service: %s; retrying in %.0fs", exc, _RETRY_SECONDS)
                 await asyncio.sleep(_RETRY_SECONDS)
@@ -97,6 +122,8 @@ class TimerService:
                 # Other nodes record work and wake-ups for this one: look again soon.
                 poll = rt.nodes.config.poll_every.total_seconds()
                 self._next = min(self._next or math.inf, clock.now() + rt.timer_lead + poll)
+            if self._retry_at is not None:
+                self._next = min(self._next or math.inf, self._retry_at + rt.timer_lead)
             if self._next is not None:
                 delay = self._next - rt.timer_lead - clock.now()
                 if delay <= 0:
