@@ -4,7 +4,8 @@ server itself restarts mid-run. Every payment completes once, is charged
 once, no step result is written by the zombie after it lost its leases,
 and every account's balance is exact.
 
-The nodes are tests/crash/node_worker.py processes; this test submits the
+The nodes are ``python -m perdure._bench_nodes`` processes (the payment
+service that ``perdure bench`` also runs as a cluster); this test submits the
 payments through a runtime that runs nothing itself (``recover=False``).
 """
 
@@ -14,9 +15,7 @@ import asyncio
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,117 +26,54 @@ import pytest
 
 from conftest import pg_query
 from perdure import Runtime, Status
+from perdure._bench_nodes import Account, Cluster, Payment, charges, client, owners
 from perdure.storage import EntryKind
-
-sys.path.insert(0, str(Path(__file__).parent / "crash"))
-from node_worker import Account, Payment, Provider, build, config
+from perdure.storage._records import UNFINISHED
 
 pytestmark = pytest.mark.slow
-WORKER = Path(__file__).parent / "crash" / "node_worker.py"
 TTL = 2.0
-
-
-class Cluster:
-    def __init__(self, url: str, directory: Path) -> None:
-        self.url = url
-        self.directory = directory
-        self.procs: dict[str, subprocess.Popen[str]] = {}
-
-    def spawn(self, node: str, latency: float = 0.2) -> None:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(WORKER),
-                "--store",
-                self.url,
-                "--dir",
-                str(self.directory),
-                "--node",
-                node,
-                "--ttl",
-                str(TTL),
-                "--latency",
-                str(latency),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        )
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("READY"):
-            proc.kill()
-            raise AssertionError(f"node {node} did not start: {line!r} {proc.stderr.read()!r}")  # type: ignore[union-attr]
-        self.procs[node] = proc
-
-    def signal(self, node: str, sig: signal.Signals) -> None:
-        self.procs[node].send_signal(sig)
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            for pipe in (proc.stdout, proc.stderr):
-                if pipe is not None:
-                    pipe.close()
 
 
 @pytest.fixture
 def cluster(pg_url: str, tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(pg_url, tmp_path)
+    c = Cluster(pg_url, tmp_path, TTL)
     try:
         yield c
     finally:
         c.stop()
 
 
-def client(url: str, directory: Path) -> Runtime:
-    provider = Provider(directory / "provider.db", "client", 0.0)
-    return Runtime(
-        url,
-        workflows=[build(provider)],
-        actors=[Account],
-        node=config("client", TTL),
-        recover=False,
-    )
-
-
-async def wait_for(check: Any, what: str, seconds: float) -> None:
+async def wait_for(check: Any, what: str, seconds: float, cluster: Cluster | None = None) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if await check():
-            return
+        try:
+            if await check():
+                return
+        except Exception:  # the database restarting: look again
+            pass
         await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {seconds}s waiting for {what}")
+    report = "" if cluster is None else await stuck(cluster)
+    raise AssertionError(f"timed out after {seconds}s waiting for {what}{report}")
 
 
-async def owners(rt: Runtime) -> set[str]:
-    now = time.time()
-    return {
-        lease.owner
-        for lease in await rt.store.list_leases()
-        if lease.owner and lease.expires_at > now
-    }
+async def stuck(cluster: Cluster) -> str:
+    """What a timeout's message says: the unfinished invocations, their
+    journals' last entries, the leases, and the nodes' logs."""
+    lines = []
+    async with Runtime(cluster.url, recover=False, actors=[Account]) as rt:
+        for rec in await rt.store.list_invocations(statuses=UNFINISHED, limit=None):
+            journal = await rt.store.read_journal(rec.id)
+            last = [(e.index, e.kind.value, e.name) for e in journal[-2:]]
+            lines.append(f"{rec.id} {rec.target} {rec.status.value} part {rec.partition}: {last}")
+        lines += [
+            f"lease {x.partition}: {x.owner} epoch {x.epoch}" for x in await rt.store.list_leases()
+        ]
+    return "\n" + "\n".join(lines) + "\n" + cluster.logs()
 
 
 async def completed(rt: Runtime, n: int) -> bool:
     done = await rt.client.list(status=Status.COMPLETED, workflow="pay", limit=None)
     return len(done) >= n
-
-
-def charges(directory: Path) -> tuple[dict[str, int], list[tuple[str, str, str, float]]]:
-    with sqlite3.connect(directory / "provider.db") as conn:
-        per_payment = dict(conn.execute("SELECT payment, count(*) FROM charges GROUP BY 1"))
-        calls = conn.execute("SELECT key, payment, node, at FROM calls").fetchall()
-    return per_payment, calls
 
 
 async def check_outcome(rt: Runtime, payments: list[Payment], directory: Path) -> None:
@@ -158,7 +94,7 @@ async def test_three_nodes_survive_a_kill_and_a_zombie(cluster: Cluster, pg_url:
         # on the nodes when they are stopped.
         cluster.spawn(node, latency=1.0)
     payments = [Payment(f"p{i:03d}", f"c{i % 5}", 100 + i) for i in range(60)]
-    async with client(pg_url, cluster.directory) as rt:
+    async with client(pg_url, cluster.directory, TTL) as rt:
 
         async def spread() -> bool:
             return await owners(rt) == {"n1", "n2", "n3"}
@@ -185,8 +121,8 @@ async def test_three_nodes_survive_a_kill_and_a_zombie(cluster: Cluster, pg_url:
         async def taken_over() -> bool:  # n1 holds both nodes' partitions
             return await owners(rt) == {"n1"}
 
-        await wait_for(all_done, "every payment, on the surviving node", 60)
-        await wait_for(taken_over, "n1 to take over every partition", 4 * TTL)
+        await wait_for(all_done, "every payment, on the surviving node", 60, cluster)
+        await wait_for(taken_over, "n1 to take over every partition", 4 * TTL, cluster)
         cluster.signal("n3", signal.SIGCONT)
         await asyncio.sleep(TTL)  # the zombie wakes up, tries to write, is fenced out
 
@@ -217,14 +153,13 @@ async def test_three_nodes_survive_a_kill_and_a_zombie(cluster: Cluster, pg_url:
 @pytest.mark.skipif(shutil.which("pg_ctlcluster") is None, reason="needs pg_ctlcluster")
 @pytest.mark.skipif(
     os.environ.get("PERDURE_RESTART_TESTS") != "1",
-    reason="restarts the shared PostgreSQL server, and still fails now and then (payments left "
-    "unfinished after the restart; see the scale-out issue's note): PERDURE_RESTART_TESTS=1",
+    reason="restarts the shared PostgreSQL server: PERDURE_RESTART_TESTS=1",
 )
 async def test_nodes_reconnect_after_the_database_restarts(cluster: Cluster, pg_url: str) -> None:
     for node in ("n1", "n2"):
-        cluster.spawn(node)
+        cluster.spawn(node, latency=0.2)
     payments = [Payment(f"r{i:03d}", f"c{i % 3}", 200 + i) for i in range(40)]
-    async with client(pg_url, cluster.directory) as rt:
+    async with client(pg_url, cluster.directory, TTL) as rt:
         for p in payments[:20]:
             await rt.client.start("pay", p, idempotency_key=p.payment_id)
 
@@ -248,10 +183,7 @@ async def test_nodes_reconnect_after_the_database_restarts(cluster: Cluster, pg_
                     await asyncio.sleep(0.2)
 
         async def all_done() -> bool:
-            try:
-                return await completed(rt, len(payments))
-            except Exception:
-                return False
+            return await completed(rt, len(payments))
 
-        await wait_for(all_done, "every payment after the restart", 90)
+        await wait_for(all_done, "every payment after the restart", 90, cluster)
         await check_outcome(rt, payments, cluster.directory)

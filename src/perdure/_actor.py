@@ -236,6 +236,16 @@ class Activation:
 
     async def _run(self) -> None:
         try:
+            await self._serve()
+        except Exception as exc:
+            # A bug, not a handler's error (those are outcomes): callers must
+            # not wait forever on a mailbox that nobody empties.
+            log.exception("actor %s/%s failed", self.definition.name, self.key)
+            self.stop(exc)
+            self.rt._forget_activation(self)
+
+    async def _serve(self) -> None:
+        try:
             if self.definition.durable:
                 await self._load()
             self.ready.set_result(None)

@@ -874,6 +874,32 @@ class Runtime:
                 None,
                 actor=(definition.name, key, seq),
             )
+            # Shielded: a sender cancelled while its message is being recorded
+            # (its partition moved, its caller gave up) must not leave a
+            # recorded message out of the mailbox, where nothing would run it.
+            stored, created = await asyncio.shield(
+                self._record_message(activation, handler, rec, entry, decoded)
+            )
+            if not created and stored.input_hash != rec.input_hash:
+                raise IdempotencyConflictError(
+                    f"idempotency key {idempotency_key!r} of {handler.name!r} was already used "
+                    f"by invocation {stored.id} with a different input; use a new key"
+                )
+            return stored
+        finally:
+            activation.sending -= 1
+
+    async def _record_message(
+        self,
+        activation: Activation,
+        handler: Workflow[Any, Any],
+        rec: InvocationRecord,
+        entry: JournalEntry,
+        decoded: tuple[list[Any], dict[str, Any]],
+    ) -> tuple[InvocationRecord, bool]:
+        """Record a durable message and post it to its actor's mailbox."""
+        activation.sending += 1
+        try:
             try:
                 stored, created = await self.store.create_invocation(rec, entry)
             except StorageError as exc:
@@ -881,19 +907,21 @@ class Runtime:
                 # may no longer match the log: a new activation reloads it.
                 activation.stop(exc)
                 raise
-            if not created and stored.input_hash != rec.input_hash:
-                raise IdempotencyConflictError(
-                    f"idempotency key {idempotency_key!r} of {handler.name!r} was already used "
-                    f"by invocation {stored.id} with a different input; use a new key"
-                )
-            if created:
-                self.stats.invocations_started += 1
-                if self.hooks.invocation_created is not None:
-                    fire(self.hooks.invocation_created, stored)
+            if not created:
+                return stored, False
+            self.stats.invocations_started += 1
+            if self.hooks.invocation_created is not None:
+                fire(self.hooks.invocation_created, stored)
+            if activation.stopped is not None:
+                # Stopped (or its partition lost) meanwhile: whoever runs the
+                # actor next loads the message from the store.
+                if not isinstance(activation.stopped, FencedError):
+                    self._mark_stopped(stored.id, activation.stopped)
+            else:
                 activation.post(
                     _Pending(stored, handler, [entry], [], decoded, self._queue_waiter(stored.id))
                 )
-            return stored
+            return stored, True
         finally:
             activation.sending -= 1
 
@@ -951,7 +979,13 @@ class Runtime:
         task = self._launch(
             item.record, item.handler, item.journal, item.attempts, item.decoded, activation
         )
-        outcome = await task
+        try:
+            outcome = await task
+        except asyncio.CancelledError:
+            # The actor's partition moved (or the runtime stops): its caller
+            # here looks again, in the store if need be.
+            self._settle_queued(item, Status.RUNNING, None)
+            raise
         if not item.done.done():
             item.done.set_result(outcome)
         self._queued.pop(item.record.id, None)
