@@ -71,11 +71,9 @@ def _check_figures(doc: dict[str, Any]) -> None:
     assert set(wps) == {"1", "16", "64", "256"}
     for concurrency, value in wps.items():
         assert _positive(value), f"workflows_per_second[{concurrency}] = {value!r}"
-    assert set(doc["targets"]) == {
-        "steps_per_second",
+    common = {
         "workflows_per_second.256",
         "step_latency_p50_ms",
-        "workflow_latency_p50_ms",
         "actor_recovery_checkpoint_ms",
         "actor_recovery_ratio",
         "checkpoint_1mb_ms",
@@ -85,6 +83,18 @@ def _check_figures(doc: dict[str, Any]) -> None:
         "suspended_workflow_bytes",
         "fanout_1000_seconds",
     }
+    if "pg_workflows_per_second" in doc:
+        # PostgreSQL: the node rows, and the scale-out issue's targets.
+        for key in ("pg_workflows_per_second", "pg_workflow_latency_p50_ms"):
+            assert set(doc[key]) == {"1", "2"}
+            assert all(_positive(v) for v in doc[key].values()), doc[key]
+        assert 0 < doc["takeover_seconds"] <= doc["failover_seconds"]
+        assert doc["failover"]["lease_ttl_seconds"] == 3.0  # the default lease
+        assert doc["failover"]["in_flight"] > 0
+        assert set(doc["targets"]) == common | {"failover_seconds"}
+    else:
+        assert "failover_seconds" not in doc
+        assert set(doc["targets"]) == common | {"steps_per_second", "workflow_latency_p50_ms"}
     assert all(isinstance(t["met"], bool) for t in doc["targets"].values())
 
 

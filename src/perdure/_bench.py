@@ -102,8 +102,7 @@ class Sizes:
     suspended_workflows: int  # measured in the first run only (in two fresh processes)
     fanout_children: int
     fanout_repeats: int
-    node_payments: int  # PostgreSQL only: the node rows (first run only; processes)
-    node_warmup: int
+    node_per_worker: int  # PostgreSQL only: the node rows (first run only; processes)
     failover_payments: int
     timer_window: float = 1.0  # seconds; not scaled (an internal parameter for the tests)
 
@@ -130,8 +129,7 @@ class Sizes:
             suspended_workflows=s(self.suspended_workflows, 50),
             fanout_children=s(self.fanout_children, 10),
             fanout_repeats=self.fanout_repeats,
-            node_payments=s(self.node_payments, 20),
-            node_warmup=s(self.node_warmup, 5),
+            node_per_worker=s(self.node_per_worker),
             failover_payments=s(self.failover_payments, 20),
             timer_window=self.timer_window,
         )
@@ -156,8 +154,7 @@ FULL = Sizes(
     suspended_workflows=20_000,
     fanout_children=1000,
     fanout_repeats=3,
-    node_payments=5000,
-    node_warmup=300,
+    node_per_worker=20,
     failover_payments=200,
 )
 QUICK = Sizes(
@@ -179,8 +176,7 @@ QUICK = Sizes(
     suspended_workflows=5_000,
     fanout_children=1000,
     fanout_repeats=1,
-    node_payments=1000,
-    node_warmup=100,
+    node_per_worker=5,
     failover_payments=100,
 )
 
@@ -1266,9 +1262,7 @@ def node_rows(stores: StoreFactory, sizes: Sizes, progress: Progress) -> dict[st
     for nodes in (1, 2):
         with stores.fresh(f"nodes-{nodes}") as url:
             row = asyncio.run(
-                _bench_nodes.throughput(
-                    url, nodes=nodes, payments=sizes.node_payments, warmup=sizes.node_warmup
-                )
+                _bench_nodes.throughput(url, nodes=nodes, per_worker=sizes.node_per_worker)
             )
         m["pg_workflows_per_second"][str(nodes)] = row["workflows_per_second"]
         m["pg_workflow_latency_p50_ms"][str(nodes)] = row["latency_p50_ms"]
@@ -1399,8 +1393,8 @@ def row_note(path: str, figures: dict[str, Any], config: dict[str, Any]) -> str:
         return f"{sizes['suspended_workflows']:,} sleeping workflows; 1 run"
     if path.startswith("pg_workflows_per_second"):
         return (
-            f"{sizes['node_payments']:,} payments, {path[-1]} node process(es), "
-            "submitted by a client node and routed by the store; 1 run"
+            f"{_bench_nodes_concurrency()} workers x {sizes['node_per_worker']} payments, "
+            f"{path[-1]} node process(es), routed from a client node; 1 run"
         )
     if path == "failover_seconds":
         f = figures["failover"]
@@ -1411,6 +1405,12 @@ def row_note(path: str, figures: dict[str, Any], config: dict[str, Any]) -> str:
     if path == "fanout_1000_seconds":
         return f"{sizes['fanout_children']:,} children, median of {sizes['fanout_repeats']} a run"
     return ""
+
+
+def _bench_nodes_concurrency() -> int:
+    from ._bench_nodes import CONCURRENCY
+
+    return CONCURRENCY
 
 
 def lookup(figures: dict[str, Any], path: str) -> float:

@@ -39,12 +39,17 @@ from pathlib import Path
 from typing import Any
 
 from ._actor import Actor, DurabilityFacet
-from ._client import Client
 from ._context import Context, current_step
+from ._demo.payments import (
+    Charge,
+    MemoryLedger,
+    MemoryProvider,
+    PaymentRequest,
+    build_payment_workflow,
+)
 from ._nodes import NodeConfig
 from ._runtime import Runtime
 from ._workflow import Workflow, workflow
-from .storage._records import Status
 
 log = logging.getLogger("perdure.bench.nodes")
 
@@ -138,6 +143,35 @@ def build(provider: Provider) -> Workflow[[Payment], str]:
     return pay
 
 
+class _SlowProvider(MemoryProvider):
+    """The benchmark's in-memory provider, with ``latency`` seconds per charge."""
+
+    def __init__(self, latency: float) -> None:
+        super().__init__()
+        self.latency = latency
+
+    def charge(self, key: str, payment_id: str, cents: int) -> Charge:
+        if self.latency:
+            time.sleep(self.latency)
+        return super().charge(key, payment_id, cents)
+
+
+def workflows(workload: str, directory: Path, node: str, latency: float) -> list[Any]:
+    """``accounts``: the payment workflow of the multi-node tests (a shared
+    SQLite provider, and a durable Account actor per customer); ``payments``:
+    the payment workflow of ``perdure bench`` (validate, charge, record; the
+    provider and ledger in memory, so the figures measure Perdure)."""
+    if workload == "payments":
+        return [build_payment_workflow(_SlowProvider(latency), MemoryLedger())]
+    return [build(Provider(directory / "provider.db", node, latency))]
+
+
+def request(tag: str) -> PaymentRequest:
+    return PaymentRequest(
+        payment_id=f"pay-{tag}", customer="cust-1", amount_cents=1999, card="4242424242424242"
+    )
+
+
 def config(node: str, ttl: float | None) -> NodeConfig:
     """The node settings: Perdure's defaults, or (``ttl``) a short lease for tests."""
     if ttl is None:
@@ -151,12 +185,11 @@ def config(node: str, ttl: float | None) -> NodeConfig:
     )
 
 
-def client(url: str, directory: Path, ttl: float | None) -> Runtime:
+def client(url: str, directory: Path, ttl: float | None, workload: str = "accounts") -> Runtime:
     """A runtime that submits payments and runs none of them."""
-    provider = Provider(directory / "provider.db", "client", 0.0)
     return Runtime(
         url,
-        workflows=[build(provider)],
+        workflows=workflows(workload, directory, "client", 0.0),
         actors=[Account],
         node=config("client", ttl),
         recover=False,
@@ -166,15 +199,19 @@ def client(url: str, directory: Path, ttl: float | None) -> Runtime:
 class Cluster:
     """Node processes on one store, started and signalled by name."""
 
-    def __init__(self, url: str, directory: Path, ttl: float | None) -> None:
+    def __init__(
+        self, url: str, directory: Path, ttl: float | None, workload: str = "accounts"
+    ) -> None:
         self.url = url
         self.directory = directory
         self.ttl = ttl
+        self.workload = workload
         self.procs: dict[str, subprocess.Popen[str]] = {}
 
     def spawn(self, node: str, latency: float = 0.0) -> None:
         command = [sys.executable, "-m", "perdure._bench_nodes", "--store", self.url]
         command += ["--dir", str(self.directory), "--node", node, "--latency", str(latency)]
+        command += ["--workload", self.workload]
         if self.ttl is not None:
             command += ["--ttl", str(self.ttl)]
         # The node's log goes to a file: a pipe nobody reads fills up, and a
@@ -235,9 +272,9 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster(url: str, ttl: float | None) -> Iterator[Cluster]:
+def cluster(url: str, ttl: float | None, workload: str) -> Iterator[Cluster]:
     with tempfile.TemporaryDirectory(prefix="perdure-nodes-") as d:
-        c = Cluster(url, Path(d), ttl)
+        c = Cluster(url, Path(d), ttl, workload)
         try:
             yield c
         finally:
@@ -258,54 +295,37 @@ async def spread(rt: Runtime, nodes: set[str], seconds: float = 20.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def submit(c: Client, payments: list[Payment], concurrency: int) -> list[str]:
-    """Start every payment, ``concurrency`` at a time; their invocation ids."""
-    it = iter(payments)
-    ids: list[str] = []
-
-    async def worker() -> None:
-        for p in it:
-            ids.append((await c.start("pay", p, idempotency_key=p.payment_id)).id)
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return ids
-
-
-async def until_completed(rt: Runtime, ids: list[str], seconds: float) -> float:
-    """Wait for every invocation in ``ids`` to complete; the time it took."""
-    began = time.perf_counter()
-    deadline = time.monotonic() + seconds
-    left = set(ids)
-    while left:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{len(left)} payments did not complete in {seconds:g} s")
-        records = await rt.client.list(status=Status.COMPLETED, workflow="pay", limit=None)
-        left -= {r.id for r in records}
-        if left:
-            await asyncio.sleep(0.02)
-    return time.perf_counter() - began
-
-
-async def throughput(url: str, *, nodes: int, payments: int, warmup: int) -> dict[str, float]:
-    """Payments/s with ``nodes`` node processes, all submitted at once; the
-    submit-to-complete latency of each, from the store's timestamps."""
-    with cluster(url, None) as c:
+async def throughput(
+    url: str, *, nodes: int, per_worker: int, concurrency: int = CONCURRENCY
+) -> dict[str, float]:
+    """The benchmark's payment workflow on ``nodes`` node processes:
+    ``concurrency`` client workers each start a payment and wait for its
+    result, ``per_worker`` times (after one warm-up each), through a client
+    node that runs none (so every payment is routed through the store, and
+    its end announced back). Payments/s, and each one's latency p50/p99 as
+    the client sees it."""
+    with cluster(url, None, "payments") as c:
         for i in range(nodes):
             c.spawn(f"n{i}")
-        async with client(url, c.directory, None) as rt:
+        async with client(url, c.directory, None, "payments") as rt:
             await spread(rt, set(c.procs))
-            warm = [Payment(f"w{i:05d}", f"c{i % 50}", 100 + i) for i in range(warmup)]
-            await until_completed(rt, await submit(rt.client, warm, CONCURRENCY), 60)
-            batch = [Payment(f"p{i:05d}", f"c{i % 50}", 100 + i) for i in range(payments)]
+            latencies: list[float] = []
+
+            async def worker(w: int, n: int, tag: str) -> None:
+                for j in range(n):
+                    began = time.perf_counter()
+                    handle = await rt.client.start("process_payment", request(f"{tag}{w}-{j}"))
+                    await handle.result()
+                    latencies.append(time.perf_counter() - began)
+
+            await asyncio.gather(*(worker(w, 1, "w") for w in range(concurrency)))
+            latencies.clear()
             began = time.perf_counter()
-            ids = await submit(rt.client, batch, CONCURRENCY)
-            await until_completed(rt, ids, 120)
+            await asyncio.gather(*(worker(w, per_worker, "p") for w in range(concurrency)))
             elapsed = time.perf_counter() - began
-            measured = set(ids)
-            done = await rt.client.list(status=Status.COMPLETED, workflow="pay", limit=None)
-    latencies = sorted(r.updated_at - r.created_at for r in done if r.id in measured)
+    latencies.sort()
     return {
-        "workflows_per_second": payments / elapsed,
+        "workflows_per_second": len(latencies) / elapsed,
         "latency_p50_ms": latencies[len(latencies) // 2] * 1e3,
         "latency_p99_ms": latencies[max(0, -(-len(latencies) * 99 // 100) - 1)] * 1e3,
     }
@@ -317,20 +337,22 @@ async def failover(url: str, *, payments: int, latency: float) -> dict[str, floa
     until the other holds every partition, and until every payment that was
     unfinished on the killed node has completed there."""
     defaults = NodeConfig()
-    with cluster(url, None) as c:
+    with cluster(url, None, "payments") as c:
         c.spawn("n0", latency)
         c.spawn("n1", latency)
-        async with client(url, c.directory, None) as rt:
+        async with client(url, c.directory, None, "payments") as rt:
             await spread(rt, {"n0", "n1"})
             leases = {x.partition: x.owner for x in await rt.store.list_leases()}
-            batch = [Payment(f"f{i:04d}", f"c{i % 10}", 100 + i) for i in range(payments)]
-            await submit(rt.client, batch, CONCURRENCY)
-            await asyncio.sleep(latency)  # both nodes have charges in flight
+            for i in range(payments):
+                await rt.client.start("process_payment", request(f"f{i}"))
+            await asyncio.sleep(latency / 2)  # both nodes have charges in flight
             victims = [
                 r.id
-                for r in await rt.client.list(workflow="pay", limit=None)
+                for r in await rt.client.list(workflow="process_payment", limit=None)
                 if leases.get(r.partition) == "n1" and not r.status.finished
             ]
+            if not victims:
+                raise RuntimeError("no payment was in flight on the node to kill")
             c.signal("n1", signal.SIGKILL)
             killed = time.perf_counter()
             while True:
@@ -339,10 +361,9 @@ async def failover(url: str, *, payments: int, latency: float) -> dict[str, floa
                     break
                 await asyncio.sleep(0.01)
             takeover = time.perf_counter() - killed
-            await until_completed(rt, victims, 60)
+            for invocation_id in victims:
+                await (await rt.client.get(invocation_id)).result(timeout=60)
             seconds = time.perf_counter() - killed
-            if not victims:
-                raise RuntimeError("no payment was in flight on the killed node")
     return {
         "failover_seconds": seconds,
         "takeover_seconds": takeover,
@@ -383,12 +404,14 @@ def dump_tasks(rt: Runtime) -> None:
 
 async def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    provider = Provider(Path(args.dir) / "provider.db", args.node, args.latency)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     rt = Runtime(
-        args.store, workflows=[build(provider)], actors=[Account], node=config(args.node, args.ttl)
+        args.store,
+        workflows=workflows(args.workload, Path(args.dir), args.node, args.latency),
+        actors=[Account],
+        node=config(args.node, args.ttl),
     )
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks, rt)
     async with rt:
@@ -404,4 +427,5 @@ if __name__ == "__main__":
     parser.add_argument("--node", required=True)
     parser.add_argument("--ttl", type=float, default=None, help="lease seconds (default: 3)")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per charge")
+    parser.add_argument("--workload", choices=["accounts", "payments"], default="accounts")
     asyncio.run(main(parser.parse_args()))

@@ -196,23 +196,26 @@ class InvocationHandle(Generic[R]):
 
     async def _result_from_store(self) -> R:
         store = self._rt.store
-        delay = 0.005
+        # Nodes of a shared store announce every finish, so the poll is only
+        # a fallback for an announcement lost with a connection.
+        delay = 1.0 if self._rt.nodes is not None else 0.005
         while True:
-            rec = await store.get_invocation(self.id)
-            if rec is None:
-                raise NotFoundError(f"invocation {self.id} does not exist")
-            if rec.status.finished:
-                break
-            task = self._rt.running(self.id)
-            if task is not None and not _parked(task):  # it was resumed meanwhile
-                return await self.result()
-            reason = self._rt.stopped_reason(self.id)
-            if reason is not None:
-                raise InvocationStoppedError(self.id, reason)
-            # Parked here: it finishes in this process, which tells the waiter.
-            # The poll is for an invocation that another process runs.
+            # Waiting before reading: a finish in between is not missed. A
+            # finish here, or on another node of a shared store (which
+            # announces it), sets the waiter; the poll is for the rest.
             waiter = self._rt.finish_waiter(self.id)
             try:
+                rec = await store.get_invocation(self.id)
+                if rec is None:
+                    raise NotFoundError(f"invocation {self.id} does not exist")
+                if rec.status.finished:
+                    break
+                task = self._rt.running(self.id)
+                if task is not None and not _parked(task):  # it was resumed meanwhile
+                    return await self.result()
+                reason = self._rt.stopped_reason(self.id)
+                if reason is not None:
+                    raise InvocationStoppedError(self.id, reason)
                 await asyncio.wait((waiter,), timeout=delay)
             finally:
                 self._rt.drop_finish_waiter(self.id, waiter)

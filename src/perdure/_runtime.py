@@ -430,6 +430,7 @@ class Runtime:
         invocation_id: str | None = None,
         timeout: timedelta | None = None,
         partition: int | None = None,
+        parent_id: str | None = None,
     ) -> tuple[InvocationRecord, bool]:
         """Record and start an invocation. Returns (record, created)."""
         from ._client import prepare_invocation
@@ -450,6 +451,7 @@ class Runtime:
             invocation_id,
             deadline=deadline,
             partition=partition,
+            parent_id=parent_id,
         )
         return await self.create(wf, rec, entry, decoded)
 
@@ -481,9 +483,15 @@ class Runtime:
 
     # -- partitions (several nodes) ------------------------------------------------
 
-    def _woken_elsewhere(self, partition: int) -> None:
-        """The store says something in ``partition`` became due (maybe by another node)."""
-        if self._started and self.owns(partition):
+    def _woken_elsewhere(self, partition: int | None, finished: str | None) -> None:
+        """The store says something in ``partition`` became due (maybe by
+        another node), maybe because the invocation ``finished`` did: whoever
+        waits for that one here looks again at once."""
+        if not self._started:
+            return
+        if finished is not None:
+            self._wake_finish_waiters(finished)
+        if partition is not None and self.owns(partition):
             self.timers.kick()
 
     def owns(self, partition: int) -> bool:
@@ -834,6 +842,8 @@ class Runtime:
                 # Another node runs this actor: hand the message to it, durably.
                 from ._schedule import DELIVER_WORKFLOW
 
+                sender = _current_context.get(None)
+
                 handler.check_arguments(args, kwargs)
                 rec, _ = await self.submit(
                     DELIVER_WORKFLOW,
@@ -850,6 +860,9 @@ class Runtime:
                     {},
                     idempotency_key=idempotency_key,
                     partition=partition,
+                    # The sending invocation, if any, is its parent: its end
+                    # wakes the sender's node at once (no polling).
+                    parent_id=None if sender is None else sender.invocation_id,
                 )
                 return rec
         activation = self.activation(definition, key)

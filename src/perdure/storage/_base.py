@@ -194,12 +194,15 @@ class Store(abc.ABC):
     async def list_children(self, parent_id: str) -> list[InvocationRecord]:
         """The invocations started by ``parent_id`` as its children, oldest first."""
 
-    def on_wake(self, callback: Callable[[int], None]) -> None:
-        """Call ``callback(partition)`` when a write of any process (any node)
-        makes an invocation of ``partition`` due: a new invocation recorded
-        for its owner, a promise, a signal, a cancellation, a finished child.
-        Backends that can tell other processes (PostgreSQL's LISTEN/NOTIFY)
-        do; the default tells no one, and nodes fall back on polling."""
+    def on_wake(self, callback: Callable[[int | None, str | None], None]) -> None:
+        """Call ``callback(partition, finished)`` when a write of any process
+        (any node) makes an invocation of ``partition`` due (a new invocation
+        recorded for its owner, a promise, a signal, a cancellation, a
+        finished child), or when an invocation finished: ``finished`` is its
+        id then, for whoever waits for it (``partition`` is None if nothing
+        became due). A store with listeners announces every finish. Backends
+        that can tell other processes (PostgreSQL's LISTEN/NOTIFY) do; the
+        default tells no one, and nodes fall back on polling."""
         return
 
     async def read_journals(

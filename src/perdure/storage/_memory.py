@@ -45,7 +45,7 @@ class MemoryStore(Store):
         self._signals: dict[str, list[SignalRecord]] = {}
         self._leases: dict[int, Lease] = {}
         self._nodes: dict[str, float] = {}  # node -> alive until
-        self._wake_listeners: list[Callable[[int], None]] = []
+        self._wake_listeners: list[Callable[[int | None, str | None], None]] = []
 
     # Several runtimes may share one memory store (nodes, in tests): it stays
     # open until each that opened it has closed it.
@@ -94,12 +94,12 @@ class MemoryStore(Store):
             self._tell(invocation.partition)
         return invocation, True
 
-    def on_wake(self, callback: Callable[[int], None]) -> None:
+    def on_wake(self, callback: Callable[[int | None, str | None], None]) -> None:
         self._wake_listeners.append(callback)
 
-    def _tell(self, partition: int) -> None:
+    def _tell(self, partition: int | None, finished: str | None = None) -> None:
         for listener in self._wake_listeners:
-            listener(partition)
+            listener(partition, finished)
 
     async def commit(self, write: Write) -> Any:
         self._check_open()
@@ -162,6 +162,8 @@ class MemoryStore(Store):
                 wake_at=wake_at,
             )
         result = self._apply_events(write)
+        if change is not None and change.status.finished and self._wake_listeners:
+            self._tell(None, change.invocation_id)  # for its waiters on other nodes
         r = write.idempotent
         if r is not None:
             self._idempotent.setdefault((r.scope, r.key), r)
@@ -243,6 +245,9 @@ class MemoryStore(Store):
             return None
         result: Any = None
         wakes = [(w.invocation_id, w.at) for w in write.wakes]
+        # A finished child wakes its parent: say which child, for its waiters.
+        status = write.status
+        child = status.invocation_id if status is not None and status.status.finished else None
         for p in write.promises:
             self._promises[p.id] = p
         r = write.resolution
@@ -275,7 +280,7 @@ class MemoryStore(Store):
                 continue
             if found.wake_at is None or at < found.wake_at:
                 self._invocations[invocation_id] = msgspec.structs.replace(found, wake_at=at)
-            self._tell(found.partition)
+            self._tell(found.partition, child)
         return result
 
     async def get_invocation(self, invocation_id: str) -> InvocationRecord | None:

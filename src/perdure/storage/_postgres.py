@@ -311,7 +311,7 @@ class PostgresStore(Store):
         self._committer: GroupCommitter | None = None
         self._pool: Pool | None = None
         self._closed = True
-        self._wake_listeners: list[Callable[[int], None]] = []
+        self._wake_listeners: list[Callable[[int | None, str | None], None]] = []
         self._listener: asyncio.Task[None] | None = None
         import psycopg.conninfo
 
@@ -381,6 +381,7 @@ class PostgresStore(Store):
         self._pool = pool
         self._committer = GroupCommitter(self._connect_writer, loop, self.url, self._before_commit)
         self._committer.adopt(conn)
+        self._committer.announce_finished = bool(self._wake_listeners)
         self._closed = False
         if self._wake_listeners and self._listener is None:
             self._listener = loop.create_task(self._listen())
@@ -848,8 +849,10 @@ class PostgresStore(Store):
 
     # -- notifications -----------------------------------------------------------------
 
-    def on_wake(self, callback: Callable[[int], None]) -> None:
+    def on_wake(self, callback: Callable[[int | None, str | None], None]) -> None:
         self._wake_listeners.append(callback)
+        if self._committer is not None:
+            self._committer.announce_finished = True
         if not self._closed and self._listener is None:
             self._listener = asyncio.get_running_loop().create_task(self._listen())
 
@@ -867,12 +870,16 @@ class PostgresStore(Store):
                 try:
                     await conn.execute(f'LISTEN "{channel}"')
                     async for note in conn.notifies():
+                        # "partition" (something there is due), "partition:id"
+                        # (a child finished, its parent is due) or ":id" (an
+                        # invocation finished).
+                        part, _, finished = note.payload.partition(":")
                         try:
-                            partition = int(note.payload)
+                            partition = int(part) if part else None
                         except ValueError:
                             continue
                         for listener in self._wake_listeners:
-                            listener(partition)
+                            listener(partition, finished or None)
                 finally:
                     await conn.close()
             except (psycopg.Error, StorageError):

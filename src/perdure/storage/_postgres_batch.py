@@ -356,6 +356,8 @@ class GroupCommitter:
         self._task: asyncio.Task[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self.reconnects = 0
+        # NOTIFY each finished invocation, for its waiters on other nodes.
+        self.announce_finished = False
 
     def adopt(self, conn: Connection) -> None:
         """Write on ``conn`` (already open) until it dies."""
@@ -501,7 +503,7 @@ class GroupCommitter:
         import psycopg
 
         try:
-            results = await _apply(conn, batch, self._label)
+            results = await _apply(conn, batch, self._label, self.announce_finished)
             return [(True, r) for r in results]
         except (psycopg.Error, PerdureError) as exc:
             if is_connection_lost(exc, conn):
@@ -513,7 +515,9 @@ class GroupCommitter:
         for op in batch:
             await conn.execute("SAVEPOINT one")
             try:
-                outcomes.append((True, (await _apply(conn, [op], self._label))[0]))
+                outcomes.append(
+                    (True, (await _apply(conn, [op], self._label, self.announce_finished))[0])
+                )
                 await conn.execute("RELEASE one")
             except (psycopg.Error, PerdureError) as exc:
                 if is_connection_lost(exc, conn):
@@ -598,7 +602,9 @@ def _fail(batch: list[_Op], error: BaseException) -> None:
 # -- the statements of one batch -------------------------------------------------
 
 
-async def _apply(conn: Connection, batch: list[_Op], label: str) -> list[Any]:
+async def _apply(
+    conn: Connection, batch: list[_Op], label: str, announce: bool = False
+) -> list[Any]:
     """Write ``batch`` with one statement per table; raise on any failure."""
     fences: dict[int, set[int]] = {}
     for op in batch:
@@ -689,8 +695,10 @@ async def _apply(conn: Connection, batch: list[_Op], label: str) -> list[Any]:
         if compact:
             await conn.execute(f"DELETE FROM journal WHERE invocation_id IN ({_COVERED})", ident)
             await conn.execute(f"DELETE FROM attempts WHERE invocation_id IN ({_COVERED})", ident)
-    woken: set[int] = {
-        inv.partition
+    # NOTIFY payloads: "partition", or "partition:id" when a finished child
+    # wakes its parent (the id tells the child's waiters on any node).
+    woken: set[str] = {
+        str(inv.partition)
         for _, inv, _ in creates
         if inv.status is Status.SUSPENDED and inv.wake_at is not None
     }
@@ -698,17 +706,24 @@ async def _apply(conn: Connection, batch: list[_Op], label: str) -> list[Any]:
         w = op.write
         if w is not None and (w.wakes or w.promises or w.resolution or w.signal or w.cancels):
             outcomes[i] = await _apply_events(conn, w, woken)
+    if announce:
+        told = {p.partition(":")[2] for p in woken}
+        woken.update(
+            f":{invocation_id}"
+            for invocation_id, row in statuses.items()
+            if Status(row[1]).finished and invocation_id not in told
+        )
     if woken:
         # Delivered at COMMIT, to every node listening: the owners look at once.
         await conn.execute(
-            "SELECT pg_notify('perdure_' || left(md5(current_schema()), 16), p::text) "
-            "FROM unnest(%s::int4[]) AS p",
+            "SELECT pg_notify('perdure_' || left(md5(current_schema()), 16), p) "
+            "FROM unnest(%s::text[]) AS p",
             (sorted(woken),),
         )
     return outcomes
 
 
-async def _apply_events(conn: Connection, w: Write, woken: set[int]) -> Any:
+async def _apply_events(conn: Connection, w: Write, woken: set[str]) -> Any:
     """Promises, signals, cancellations and wake-ups; returns a signal's seq."""
     result: Any = None
     wakes = [(x.at, x.invocation_id) for x in w.wakes]
@@ -789,9 +804,12 @@ async def _apply_events(conn: Connection, w: Write, woken: set[int]) -> Any:
             (enc(c.reason), enc(c.invocation_id)),
         )
         wakes.append((c.at, c.invocation_id))
-    for at, invocation_id in wakes:
+    status = w.status
+    child = status.invocation_id if status is not None and status.status.finished else None
+    for i, (at, invocation_id) in enumerate(wakes):
         cur = await conn.execute(_WAKE, (at, at, enc(invocation_id)))
-        woken.update(row[0] for row in await cur.fetchall())
+        suffix = f":{child}" if child is not None and i < len(w.wakes) else ""
+        woken.update(f"{row[0]}{suffix}" for row in await cur.fetchall())
     return result
 
 
