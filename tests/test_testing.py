@@ -143,3 +143,18 @@ async def test_the_fake_clock_without_autojump_waits_for_advance() -> None:
     assert woke == [clock.now()]
     with pytest.raises(ValueError, match="cannot go back"):
         clock.advance(-1)
+
+
+async def test_a_fake_sleep_counts_from_the_call_not_from_when_it_is_first_awaited() -> None:
+    clock = testing.FakeClock(autojump=False)
+    late = asyncio.ensure_future(clock.sleep(5))  # the task has not run yet
+    clock.advance(5)
+    await asyncio.sleep(0)
+    assert late.done()
+    early = asyncio.ensure_future(clock.sleep(5))
+    clock.advance(4.9)
+    await asyncio.sleep(0)
+    assert not early.done()
+    clock.advance(0.1)
+    await asyncio.sleep(0)
+    assert early.done()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from typing import Protocol
 
 
@@ -14,8 +15,9 @@ class Clock(Protocol):
         """Seconds since the epoch."""
         ...
 
-    async def sleep(self, seconds: float) -> None:
-        """Wait ``seconds``."""
+    def sleep(self, seconds: float) -> Awaitable[None]:
+        """Wait ``seconds``, counted from this call (an ``async def`` will do,
+        if its wait begins when it is awaited)."""
         ...
 
 
@@ -25,5 +27,5 @@ class SystemClock:
     def now(self) -> float:
         return time.time()
 
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+    def sleep(self, seconds: float) -> Awaitable[None]:
+        return asyncio.sleep(seconds)

@@ -22,7 +22,7 @@ import asyncio
 import dataclasses
 import heapq
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from ._hooks import Hooks as Hooks
@@ -73,11 +73,13 @@ class FakeClock:
             if not future.done():
                 future.set_result(None)
 
-    async def sleep(self, seconds: float) -> None:
+    def sleep(self, seconds: float) -> Awaitable[None]:
+        """Wait until the clock reaches ``seconds`` from now: from this call,
+        not from when the wait is first awaited (a task that starts later
+        still wakes on time)."""
         self.slept.append(seconds)
         if seconds <= 0:
-            await asyncio.sleep(0)
-            return
+            return asyncio.sleep(0)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         heapq.heappush(self._sleepers, (self._now + seconds, next(self._order), future))
@@ -85,7 +87,7 @@ class FakeClock:
             # Jump a moment later, to the soonest sleep: the others wait their
             # turn, so sleeps end in the order of their times.
             loop.call_later(_JUMP_AFTER, self._jump)
-        await future
+        return future
 
     def _jump(self) -> None:
         while self._sleepers and self._sleepers[0][2].done():
