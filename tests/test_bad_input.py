@@ -545,7 +545,19 @@ async def test_full_disk_raises_storage_full_and_loses_nothing(small_disk: pathl
         assert isinstance(stopped.value.__cause__, StorageFullError)
         assert await victim.status() is Status.RUNNING
 
-    filler.unlink()
+        # Space comes back: the stopped invocation goes on by itself, in the
+        # same runtime, from its journal.
+        filler.unlink()
+
+        async def relaunched() -> bool:
+            rec = await rt.store.get_invocation(victim.id)
+            return rec is not None and rec.status is Status.COMPLETED
+
+        async with asyncio.timeout(30):
+            while not await relaunched():
+                await asyncio.sleep(0.01)
+        assert await victim.result() == 300_000
+
     async with perdure.Runtime(url, workflows=workflows, clock=FakeClock()) as rt:
         assert await attach(rt, victim).result() == 300_000
         for h in done:
