@@ -27,11 +27,20 @@ class Outage:
     """Makes ``store``'s writes that match ``hits`` (and, unless ``hits`` is
     given, its invocation creations) fail while ``on``."""
 
-    def __init__(self, store: Store, hits: Callable[[Write], bool] | None = None) -> None:
+    def __init__(
+        self, store: Store, hits: Callable[[Write], bool] | None = None, *, reads: bool = False
+    ) -> None:
         self.on = False
         self.refused = 0
         self._hits = hits
-        commit, create = store.commit, store.create_invocation
+        commit, create, get = store.commit, store.create_invocation, store.get_invocation
+        if reads:  # reading an invocation's record fails too
+
+            async def failing_get(invocation_id: str) -> Any:
+                self._check(None)
+                return await get(invocation_id)
+
+            store.get_invocation = failing_get  # type: ignore[method-assign]
 
         async def failing_commit(write: Write) -> Any:
             self._check(write)
@@ -81,6 +90,28 @@ async def test_a_workflow_stopped_by_an_outage_goes_on_once_the_store_answers(
         assert await handle.result() == "done"
         assert calls == ["one", "two"]  # the first step was not run again
         assert outage.refused >= 1
+
+
+async def test_a_relaunch_that_meets_the_outage_again_is_tried_again(store_url: str) -> None:
+    gate = asyncio.Event()
+
+    @perdure.workflow(name="outage-twice")
+    async def wf(ctx: perdure.Context) -> str:
+        await ctx.run("wait", gate.wait)
+        return "done"
+
+    async with perdure.Runtime(store_url, workflows=[wf], clock=FakeClock()) as rt:
+        outage = Outage(rt.store, reads=True)
+        handle = await rt.client.start(wf)
+        outage.on = True
+        gate.set()
+        await until(_async(lambda: rt.stopped_reason(handle.id) is not None), "the stop")
+        # The relaunch itself fails while the outage lasts (it reads the
+        # record first), and is tried again, later and later.
+        await until(_async(lambda: outage.refused >= 3), "relaunches meeting the outage")
+        outage.on = False
+        await until(_async(lambda: _status(rt, handle.id, Status.COMPLETED)), "the relaunch")
+        assert await handle.result() == "done"
 
 
 @dataclass

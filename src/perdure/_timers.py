@@ -47,6 +47,7 @@ class TimerService:
         # relaunches in a row found something to relaunch (the backoff).
         self._retry_at: float | None = None
         self._retries = 0
+        self._last_retry = -math.inf
 
     def start(self) -> None:
         self._stopping = False
@@ -77,15 +78,25 @@ class TimerService:
     def retry_later(self) -> None:
         """Something stopped on a storage error: relaunch it once the store answers."""
         if self._retry_at is None:
+            now = self._rt.clock.now()
+            if now - self._last_retry > 2 * _MAX_RETRY_SECONDS:
+                self._retries = 0  # a new outage, not the same one going on
             delay = min(_RETRY_SECONDS * 2**self._retries, _MAX_RETRY_SECONDS)
-            self._retry_at = self._rt.clock.now() + delay
+            self._retry_at = now + delay
             self._kick.set()
 
     async def _retry_stopped(self) -> None:
         if self._retry_at is None or self._rt.clock.now() < self._retry_at:
             return
         self._retry_at = None
-        relaunched = await self._rt.retry_stopped()
+        self._last_retry = self._rt.clock.now()
+        try:
+            relaunched = await self._rt.retry_stopped()
+        except PerdureError as exc:
+            log.error("timer service: relaunching what stopped on a storage error: %s", exc)
+            self._retries += 1
+            self.retry_later()  # the store failed again: try again later
+            return
         self._retries = self._retries + 1 if relaunched else 0
 
     async def _run(self) -> None:
