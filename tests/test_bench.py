@@ -64,7 +64,7 @@ def _check_figures(doc: dict[str, Any]) -> None:
     assert timers["timers"] == timers["parked"] == timers["resumed"] > 0
     assert 0 <= timers["resumed_after_due"] <= timers["timers"]
     assert timers["parked_ahead_seconds"] > 0
-    assert timers["timer_lead_seconds"] == 1.0  # the runtime's default
+    assert timers["timer_lead_seconds"] == 3.0  # the runtime's default
     suspended = doc["suspended"]
     assert suspended["workflows"] == suspended["suspended_in_store"] > 0
     wps = doc["workflows_per_second"]

@@ -130,7 +130,7 @@ class Runtime:
         recover: bool = True,
         actors: Iterable[type[Actor[Any]]] = (),
         actor_idle_seconds: float = 60.0,
-        timer_lead: timedelta = timedelta(seconds=1),
+        timer_lead: timedelta = timedelta(seconds=3),
         always_replay: bool = False,
         schedules: Iterable[Schedule] = (),
         node: NodeConfig | None = None,
