@@ -16,6 +16,7 @@ import pytest
 
 import perdure
 from perdure import NodeConfig, Status
+from perdure._nodes import partition_of
 from perdure.storage import MemoryStore
 from perdure.testing import FakeClock
 from test_primitives import until
@@ -204,3 +205,21 @@ def test_node_settings_are_checked() -> None:
         NodeConfig(lease_ttl=timedelta(seconds=1), renew_every=timedelta(seconds=1))
     with pytest.raises(perdure.ConfigurationError, match="partitions"):
         NodeConfig(partitions=0)
+
+
+async def test_a_caller_on_one_node_hears_at_once_of_an_end_on_another() -> None:
+    store, clock = MemoryStore(), FakeClock(autojump=False)
+    async with node(store, clock, "a") as a, node(store, clock, "b") as b:
+        assert a.nodes is not None
+        assert b.nodes is not None
+        await tick(clock, 2)  # the partitions are shared out
+        assert a.nodes.owned
+        assert b.nodes.owned
+        # Started on a, for a partition that b holds: b runs it, and its end
+        # is announced, so a's caller does not wait for its 1 s poll.
+        tags = {(await a.client.start(two_steps, f"x{i}")).id: f"x{i}" for i in range(40)}
+        remote = [i for i in tags if partition_of(i, 8) in b.nodes.owned]
+        assert remote
+        for invocation_id in remote:
+            handle = perdure.InvocationHandle(a, invocation_id, "two_steps")
+            assert await asyncio.wait_for(handle.result(), 0.5) == tags[invocation_id]
