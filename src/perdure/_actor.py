@@ -339,11 +339,13 @@ class Activation:
         """Stop the mailbox: later messages must not overtake a stuck one.
         Their callers learn why. A message in flight finishes first; then the
         next message activates the actor again, from the store."""
+        from ._runtime import Outcome
+
         self.stopped = reason
         for item in self.mailbox:
             if isinstance(item, _Pending):
                 self.rt._mark_stopped(item.record.id, reason)
-                self.rt._settle_queued(item, Status.RUNNING, reason)
+                self.rt._settle_queued(item, Outcome(Status.RUNNING, error=reason))
             else:
                 future = item[3]
                 if not future.done():
@@ -360,11 +362,13 @@ class Activation:
         """This node lost the actor's partition: stop at once, writing nothing
         more (its writes are fenced anyway). The new owner resumes the
         messages; callers here wait for them in the store."""
+        from ._runtime import Outcome
+
         self.stopped = FencedError(self.rt.actor_partition(self.definition.name, self.key), 0, None)
         self.task.cancel()
         for item in self.mailbox:
             if isinstance(item, _Pending):
-                self.rt._settle_queued(item, Status.RUNNING, None)
+                self.rt._settle_queued(item, Outcome(Status.RUNNING))
         self.mailbox.clear()
         self.rt._forget_activation(self)
 

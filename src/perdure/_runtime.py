@@ -997,11 +997,9 @@ class Runtime:
         except asyncio.CancelledError:
             # The actor's partition moved (or the runtime stops): its caller
             # here looks again, in the store if need be.
-            self._settle_queued(item, Status.RUNNING, None)
+            self._settle_queued(item, Outcome(Status.RUNNING))
             raise
-        if not item.done.done():
-            item.done.set_result(outcome)
-        self._queued.pop(item.record.id, None)
+        self._settle_queued(item, outcome)
         return outcome
 
     async def send_from_step(
@@ -1051,9 +1049,11 @@ class Runtime:
         self._queued[invocation_id] = done
         return done
 
-    def _settle_queued(self, item: _Pending, status: Status, error: BaseException | None) -> None:
+    def _settle_queued(self, item: _Pending, outcome: Outcome) -> None:
+        """Tell whoever waits for a mailbox message how it ended here (RUNNING
+        without an error: it moved to another node, look in the store)."""
         if not item.done.done():
-            item.done.set_result(Outcome(status, error=error))
+            item.done.set_result(outcome)
         self._queued.pop(item.record.id, None)
 
     async def _replay_actor_message(
